@@ -1,0 +1,2 @@
+"""captioner: Show-and-Tell image captioning in Keras 3."""
+__version__ = "0.1.0"

@@ -1,0 +1,178 @@
+"""Image features: batched extraction (tf.data, parallel decoding) with a content-keyed cache.
+
+A feature is cached per (encoder, weights, image content), so a second run over the same
+photos encodes nothing, and a renamed or moved photo is still found.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+from PIL import Image
+
+from captioner.fileio import atomic_save
+from captioner.images import ImageError, ImageSource, describe_source, load_image
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("CAPTIONER_HOME", Path.home() / ".cache" / "captioner")) / "features"
+
+
+def content_key(source: ImageSource) -> str:
+    """A hash of what the photo is: its file bytes, or its pixels for in-memory images."""
+    h = hashlib.sha256()
+    if isinstance(source, np.ndarray):
+        h.update(f"{source.shape}{source.dtype}".encode())
+        h.update(np.ascontiguousarray(source).tobytes())
+    elif isinstance(source, Image.Image):
+        h.update(f"{source.size}{source.mode}".encode())
+        h.update(source.tobytes())
+    else:
+        with open(source, "rb") as f:  # OSError is reported by the caller as an ImageError
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()[:40]
+
+
+class FeatureCache:
+    """Features of one encoder, in memory (bounded LRU) and optionally on disk (one .npy each).
+
+    Disk entries are written atomically; an entry that is unreadable, of the wrong shape or
+    not finite is treated as missing (and recomputed by the caller).
+    """
+
+    def __init__(self, encoder_identity: dict, directory: str | Path | None = None, memory_items: int = 4096):
+        self.feature_dim = int(encoder_identity["feature_dim"])
+        tag = hashlib.sha256(
+            f"{encoder_identity['name']}|{encoder_identity['weights_id']}|{encoder_identity['image_size']}".encode()
+        ).hexdigest()[:16]
+        self.directory = Path(directory) / f"{encoder_identity['name']}-{tag}" if directory else None
+        self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._memory_items = memory_items
+        self._lock = threading.Lock()
+
+    def _path(self, key: str) -> Path:
+        return self.directory / key[:2] / f"{key}.npy"
+
+    def get(self, key: str) -> np.ndarray | None:
+        with self._lock:
+            if key in self._memory:
+                self._memory.move_to_end(key)
+                return self._memory[key]
+        if self.directory is None:
+            return None
+        try:
+            vector = np.load(self._path(key), allow_pickle=False)
+        except (OSError, ValueError, EOFError):
+            return None
+        if vector.shape != (self.feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+            return None
+        self._remember(key, vector)
+        return vector
+
+    def put(self, key: str, vector: np.ndarray) -> None:
+        vector = np.asarray(vector, np.float32)
+        self._remember(key, vector)
+        if self.directory is not None:
+            atomic_save(self._path(key), lambda p: np.save(p, vector, allow_pickle=False))
+
+    def _remember(self, key: str, vector: np.ndarray) -> None:
+        with self._lock:
+            self._memory[key] = vector
+            self._memory.move_to_end(key)
+            while len(self._memory) > self._memory_items:
+                self._memory.popitem(last=False)
+
+
+@dataclass
+class FeatureBatch:
+    """Features for some of the requested images, in request order."""
+
+    indices: list[int]          # positions in the request of the images that have a feature
+    features: np.ndarray        # [len(indices), feature_dim]
+    errors: list[tuple[int, ImageError]]  # positions and reasons of the images that failed
+
+
+def iter_features(
+    sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32
+) -> Iterator[FeatureBatch]:
+    """Encode `sources` batch by batch, in order, so callers can stream results.
+
+    One tf.data pipeline hashes, looks up and decodes photos on parallel threads (Pillow
+    releases the GIL) while the encoder runs on the previous batch. A photo that cannot be
+    read becomes an entry in `errors`, never an exception.
+    """
+    size, dim = encoder.image_size, encoder.feature_dim
+    errors: dict[int, ImageError] = {}
+    keys: dict[int, str] = {}
+
+    def prepare(i):
+        # -> (pixels, cached feature, status): 0 = needs encoding, 1 = cached, 2 = failed
+        i = int(i)
+        blank, no_feature = np.zeros((size, size, 3), np.uint8), np.zeros(dim, np.float32)
+        try:
+            keys[i] = content_key(sources[i])
+            cached = cache.get(keys[i]) if cache is not None else None
+            if cached is not None:
+                return blank, cached, np.int8(1)
+            return load_image(sources[i], size), no_feature, np.int8(0)
+        except ImageError as e:
+            errors[i] = e
+        except OSError as e:  # unreadable file met while hashing: let the loader word the reason
+            errors[i] = _as_image_error(sources[i], e)
+        return blank, no_feature, np.int8(2)
+
+    pipeline = (
+        tf.data.Dataset.range(len(sources))
+        .map(
+            lambda i: (i, *tf.numpy_function(prepare, [i], [tf.uint8, tf.float32, tf.int8], stateful=False)),
+            num_parallel_calls=tf.data.AUTOTUNE,
+            deterministic=True,
+        )
+        .batch(batch_size)
+        .prefetch(2)
+    )
+    for index, pixels, cached, status in pipeline.as_numpy_iterator():
+        features = cached.copy()
+        todo = np.flatnonzero(status == 0)
+        if len(todo):
+            features[todo] = encoder(pixels[todo])
+            if cache is not None:
+                for j in todo:
+                    cache.put(keys[int(index[j])], features[j])
+        ok = status != 2
+        yield FeatureBatch(
+            indices=index[ok].tolist(),
+            features=features[ok],
+            errors=[(int(i), errors.pop(int(i))) for i in index[~ok]],
+        )
+
+
+def _as_image_error(source: ImageSource, error: OSError) -> ImageError:
+    try:
+        load_image(source)
+    except ImageError as e:
+        return e
+    return ImageError(describe_source(source), str(error))
+
+
+def extract_features(
+    sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32,
+    progress: bool = True, description: str = "Encoding photos",
+) -> tuple[np.ndarray, list[ImageError]]:
+    """Features for every source ([N, D]; rows of failed photos are NaN) and the failures."""
+    from tqdm.auto import tqdm
+
+    out = np.full((len(sources), encoder.feature_dim), np.nan, np.float32)
+    failures: list[ImageError] = []
+    with tqdm(total=len(sources), desc=description, unit="img", disable=not progress) as bar:
+        for batch in iter_features(sources, encoder, cache, batch_size):
+            out[batch.indices] = batch.features
+            failures.extend(e for _, e in batch.errors)
+            bar.update(len(batch.indices) + len(batch.errors))
+    return out, failures

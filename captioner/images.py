@@ -1,0 +1,137 @@
+"""Robust photo loading: any file a user has becomes an upright RGB array, or an `ImageError`."""
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# Pillow's own bomb limit is a warning up to 2x; make anything above it an error instead.
+MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+
+ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+
+
+class ImageError(ValueError):
+    """A photo that cannot be used; the message is one line: `<file>: <reason>`."""
+
+    def __init__(self, source: str, reason: str):
+        super().__init__(f"{source}: {reason}")
+        self.source, self.reason = source, reason
+
+
+def describe_source(source: ImageSource) -> str:
+    """A short name for messages and output rows."""
+    if isinstance(source, (str, os.PathLike)):
+        return str(source)
+    if isinstance(source, Image.Image):
+        return getattr(source, "filename", "") or "<PIL image>"
+    return "<array>"
+
+
+def _open(path: Path) -> Image.Image:
+    name = str(path)
+    if path.is_dir():
+        raise ImageError(name, "is a directory, not an image file")
+    if not path.exists():
+        raise ImageError(name, "no such file" + (" (broken symlink)" if path.is_symlink() else ""))
+    try:
+        if path.stat().st_size == 0:
+            raise ImageError(name, "empty file (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image = Image.open(path)
+            image.load()
+        return image
+    except ImageError:
+        raise
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise ImageError(name, f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image Pillow can read") from None
+    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
+        raise ImageError(name, f"corrupt or truncated image ({e})") from None
+
+
+def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
+    """Upright 8-bit RGB from any mode: EXIF rotation, palette, alpha (on white), 16-bit, CMYK."""
+    if image.width == 0 or image.height == 0:
+        raise ImageError(name, "image has no pixels")
+    if image.width * image.height > MAX_PIXELS:
+        raise ImageError(name, f"image too large ({image.width}x{image.height} pixels)")
+    if getattr(image, "n_frames", 1) > 1:
+        image.seek(0)  # animated GIF/WebP: caption the first frame
+    try:
+        image = ImageOps.exif_transpose(image)
+    except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good photo
+        pass
+    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(image, dtype=np.float64)
+        image = Image.fromarray(np.clip(a / max(a.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        background = Image.new("RGB", image.size, (255, 255, 255))
+        background.paste(image.convert("RGBA"), mask=image.convert("RGBA").getchannel("A"))
+        image = background
+    return image.convert("RGB")
+
+
+def load_image(source: ImageSource, size: int | None = None) -> np.ndarray:
+    """Return an upright uint8 RGB array, squashed to `size` x `size` when given.
+
+    Raises `ImageError` ("<file>: <reason>") for anything that is not a usable photo.
+    """
+    name = describe_source(source)
+    if isinstance(source, np.ndarray):
+        image = _array_to_image(source, name)
+    elif isinstance(source, Image.Image):
+        image = source
+    else:
+        image = _open(Path(source))
+    try:
+        image = to_rgb(image, name)
+        if size is not None and image.size != (size, size):
+            # Squash rather than crop: Flickr8k training copies are squashed, and a crop
+            # could cut off what the caption should mention.
+            image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+        return np.asarray(image, dtype=np.uint8)
+    except ImageError:
+        raise
+    except (OSError, ValueError) as e:
+        raise ImageError(name, f"corrupt or truncated image ({e})") from None
+
+
+def _array_to_image(array: np.ndarray, name: str) -> Image.Image:
+    if array.ndim == 2:
+        array = np.stack([array] * 3, axis=-1)
+    if array.ndim != 3 or array.shape[-1] not in (1, 3, 4) or 0 in array.shape:
+        raise ImageError(name, f"expected an HxWx3 array, got shape {array.shape}")
+    if array.shape[-1] == 1:
+        array = np.repeat(array, 3, axis=-1)
+    if array.dtype != np.uint8:
+        array = np.clip(array, 0, 255).astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def iter_image_files(paths: Iterable[str | os.PathLike], recursive: bool = False) -> Iterator[Path]:
+    """Expand files and folders into image paths, in a stable sorted order.
+
+    Files named explicitly are yielded whatever their suffix (so a broken one is reported);
+    inside folders only image suffixes are picked up. Missing paths raise FileNotFoundError.
+    """
+    for p in map(Path, paths):
+        if p.is_dir():
+            pattern = "**/*" if recursive else "*"
+            yield from sorted(f for f in p.glob(pattern) if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.exists() or p.is_symlink():
+            yield p
+        else:
+            raise FileNotFoundError(f"{p}: no such file or directory")

@@ -1,0 +1,227 @@
+"""Training the decoder with teacher forcing on cached image features.
+
+Input `<start> w1..wn`, target `w1..wn <end>`; masked cross-entropy; Adam with gradient
+clipping and a warm-up + cosine learning-rate schedule; early stopping and the best
+bundle chosen on dev BLEU-4; `BackupAndRestore` so a killed run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from captioner.bundle import Bundle, load_bundle
+from captioner.data import CaptionDataset
+from captioner.decoding import Decoder, DecodeOptions
+from captioner.evaluation import bleu_scores
+from captioner.features import FeatureCache, extract_features
+from captioner.model import MaskedCrossEntropy, ShowAndTell
+from captioner.text import Vocabulary
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained model; saved in the bundle for reproducibility."""
+
+    embed_dim: int = 512
+    units: int = 512
+    num_layers: int = 1
+    dropout: float = 0.5
+    rnn: str = "lstm"
+    min_count: int = 5
+    max_len: int = 30
+    epochs: int = 20
+    batch_size: int = 64
+    learning_rate: float = 2e-3
+    warmup_epochs: float = 0.5
+    clipnorm: float = 5.0
+    label_smoothing: float = 0.0
+    patience: int = 4
+    monitor: str = "bleu"  # "bleu": dev BLEU-4 (greedy) picks the best epoch; "loss": dev loss
+    dev_images: int = 1000  # images decoded for the per-epoch dev BLEU
+    seed: int = 0
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> "TrainConfig":
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
+
+
+PRESETS: dict[str, dict] = {
+    # The shipped Flickr8k model (see docs/experiments.md for how it was chosen).
+    "default": {},
+    # Small and quick: the generated demo set, tests and notebooks.
+    "tiny": dict(embed_dim=64, units=128, dropout=0.1, min_count=1, max_len=20, epochs=15,
+                 batch_size=32, learning_rate=5e-3, patience=5, dev_images=200),
+}
+
+
+def caption_sequences(dataset: CaptionDataset, ids: list[str], vocab: Vocabulary, max_len: int):
+    """Every caption of `ids` as (image row, token ids with <start>/<end>), as a ragged tensor."""
+    rows, sequences = [], []
+    for row, image_id in enumerate(ids):
+        for caption in dataset.captions[image_id]:
+            rows.append(row)
+            sequences.append(vocab.encode(caption, max_len))
+    return np.asarray(rows, np.int32), tf.ragged.constant(sequences, dtype=tf.int32)
+
+
+def teacher_forcing_dataset(
+    features: np.ndarray, rows: np.ndarray, sequences: tf.RaggedTensor, vocab: Vocabulary,
+    batch_size: int, shuffle: bool, seed: int = 0,
+) -> tf.data.Dataset:
+    """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding."""
+    table = tf.constant(features)
+    ds = tf.data.Dataset.from_tensor_slices((rows, sequences))
+    if shuffle:
+        ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    ds = ds.bucket_by_sequence_length(
+        lambda row, seq: tf.shape(seq)[0],
+        bucket_boundaries=[10, 13, 16, 20],
+        bucket_batch_sizes=[batch_size] * 5,
+    )
+
+    def split(row, seq):
+        # The input drops <end> (it is never fed), so input and target masks match.
+        inputs = tf.where(seq == vocab.end_id, vocab.pad_id, seq)[:, :-1]
+        return (tf.gather(table, row), inputs), seq[:, 1:]
+
+    return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
+
+
+class DevBleu(keras.callbacks.Callback):
+    """Greedy-decodes dev images after each epoch and logs `val_bleu1` and `val_bleu4`."""
+
+    def __init__(self, features: np.ndarray, references: list[list[str]], vocab: Vocabulary, max_len: int):
+        super().__init__()
+        self.features, self.references, self.vocab, self.max_len = features, references, vocab, max_len
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        decoder = Decoder(self.model, self.vocab)
+        options = DecodeOptions("greedy", max_len=self.max_len)
+        hyps = []
+        for start in range(0, len(self.features), 256):
+            hyps += [self.vocab.decode(h[0].ids) for h in decoder(self.features[start : start + 256], options)]
+        scores = bleu_scores(self.references, hyps)
+        if logs is not None:
+            logs["val_bleu1"], logs["val_bleu4"] = scores["BLEU-1"], scores["BLEU-4"]
+        print(f" - dev BLEU-1 {scores['BLEU-1']:.1f} BLEU-4 {scores['BLEU-4']:.1f} (greedy): {hyps[0]!r}")
+
+
+class BestBundle(keras.callbacks.Callback):
+    """Saves the bundle (atomically) whenever the monitored dev score improves."""
+
+    def __init__(self, path: Path, make_bundle, monitor: str, mode: str, resuming: bool):
+        super().__init__()
+        self.path, self.make_bundle, self.monitor, self.mode = path, make_bundle, monitor, mode
+        self.best = -math.inf if mode == "max" else math.inf
+        self.resuming = resuming
+
+    def on_train_begin(self, logs=None) -> None:
+        if self.resuming and (self.path / "config.json").exists():  # keep the best so far
+            best = json.loads((self.path / "config.json").read_text()).get("info", {}).get("best", {})
+            self.best = best.get(self.monitor, self.best)
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = (logs or {}).get(self.monitor)
+        if value is None:
+            return
+        if (value > self.best) if self.mode == "max" else (value < self.best):
+            self.best = float(value)
+            best = {"epoch": epoch + 1, **{k: float(v) for k, v in logs.items() if k != "learning_rate"}}
+            self.make_bundle(best).save(self.path)
+
+
+def train(
+    dataset: CaptionDataset,
+    encoder,
+    output: str | Path,
+    config: TrainConfig | None = None,
+    cache_dir: str | Path | None = None,
+    verbose: int = 2,
+) -> Bundle:
+    """Train on the dataset's train split, select on dev, and return the best bundle.
+
+    Writes `<output>/model` (the bundle), `<output>/history.csv` and `<output>/backup`
+    (deleted when training completes). Rerunning an interrupted call resumes it.
+    """
+    config = config or TrainConfig()
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    resuming = (output / "backup").exists()
+    if not resuming:
+        (output / "history.csv").unlink(missing_ok=True)
+    keras.utils.set_random_seed(config.seed)
+    started = time.time()
+
+    train_ids, dev_ids = dataset.splits.get("train", []), dataset.splits.get("dev", [])
+    if not train_ids:
+        raise ValueError(f"{dataset.root}: the dataset has no training images")
+    vocab = Vocabulary.build((c for i in train_ids for c in dataset.captions[i]), config.min_count)
+    cache = FeatureCache(encoder.describe(), cache_dir)
+
+    def encode(ids: list[str], what: str) -> tuple[list[str], np.ndarray]:
+        features, failures = extract_features([dataset.images[i] for i in ids], encoder, cache,
+                                              progress=verbose > 0, description=f"Encoding {what} photos")
+        for failure in failures:
+            log.warning("skipped %s", failure)
+        ok = ~np.isnan(features).any(axis=1)
+        return [i for i, good in zip(ids, ok) if good], features[ok]
+
+    train_ids, train_features = encode(train_ids, "train")
+    dev_ids, dev_features = encode(dev_ids, "dev") if dev_ids else ([], None)
+    rows, seqs = caption_sequences(dataset, train_ids, vocab, config.max_len)
+    train_ds = teacher_forcing_dataset(train_features, rows, seqs, vocab, config.batch_size, True, config.seed)
+    steps = math.ceil(len(rows) / config.batch_size) + 5  # bucketing adds a few partial batches
+    log.info("vocabulary %d words; %d train captions of %d images; %d dev images",
+             len(vocab), len(rows), len(train_ids), len(dev_ids))
+
+    model = ShowAndTell(len(vocab), encoder.feature_dim, config.embed_dim, config.units,
+                        config.num_layers, config.dropout, config.rnn)
+    warmup = int(config.warmup_epochs * steps)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
+        warmup_target=config.learning_rate, warmup_steps=warmup,
+    )
+    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
+                  loss=MaskedCrossEntropy(config.label_smoothing))
+
+    def make_bundle(best: dict) -> Bundle:
+        info = {"train_config": asdict(config), "dataset": {"root": str(dataset.root), "layout": dataset.layout,
+                "train_images": len(train_ids), "dev_images": len(dev_ids)},
+                "best": best, "train_seconds": round(time.time() - started, 1)}
+        return Bundle(model, vocab, encoder.describe(), max_len=config.max_len, info=info)
+
+    callbacks: list[keras.callbacks.Callback] = [
+        keras.callbacks.BackupAndRestore(str(output / "backup")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    validation = None
+    if dev_ids:
+        dev_rows, dev_seqs = caption_sequences(dataset, dev_ids, vocab, config.max_len)
+        validation = teacher_forcing_dataset(dev_features, dev_rows, dev_seqs, vocab, 256, False)
+        n = min(config.dev_images, len(dev_ids))
+        refs = [dataset.captions[i] for i in dev_ids[:n]]
+        monitor, mode = ("val_bleu4", "max") if config.monitor == "bleu" else ("val_loss", "min")
+        if config.monitor == "bleu":
+            callbacks.append(DevBleu(dev_features[:n], refs, vocab, config.max_len))
+        callbacks += [
+            BestBundle(output / "model", make_bundle, monitor, mode, resuming),
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
+        ]
+    callbacks.append(keras.callbacks.CSVLogger(str(output / "history.csv"), append=True))
+    model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    if not dev_ids:  # nothing to select on: the last epoch is the model
+        make_bundle({"epoch": config.epochs}).save(output / "model")
+    return load_bundle(output / "model")
+
