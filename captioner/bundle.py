@@ -123,15 +123,15 @@ def _read_config(directory: Path) -> dict[str, Any]:
 
 
 def _check_classes(node: Any, where: Path) -> None:
-    """Refuse, before Keras reads it, a model file naming anything but Keras's own classes
-    and ShowAndTell: above all a Lambda layer, which would carry arbitrary code."""
+    """Refuse, before Keras reads it, a model file naming anything but Keras's own classes and
+    the decoder and its loss: above all a Lambda layer, which would carry arbitrary code."""
     if isinstance(node, dict):
         cls, module = node.get("class_name"), str(node.get("module") or "")
         if isinstance(cls, str):
             if cls == "Lambda":
                 raise BundleError(f"{where}: contains a Lambda layer (arbitrary code); refusing to load it")
             trusted = module == "keras" or module.startswith("keras.") or (
-                module == "captioner.model" and cls == "ShowAndTell"
+                module == "captioner.model" and cls in ("ShowAndTell", "MaskedCrossEntropy")
             )
             if not trusted:
                 raise BundleError(f"{where}: refers to {module or '?'}.{cls}, which a captioner bundle never contains")

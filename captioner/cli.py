@@ -290,6 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:  # `captioner caption ... | head`: the reader has all it wants
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except (ValueError, OSError) as e:
         # Every error the package raises for bad input (ImageError, BundleError, DatasetError,
         # EncoderError) is a ValueError with a one-line message; CAPTIONER_DEBUG=1 shows the trace.

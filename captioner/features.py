@@ -79,7 +79,7 @@ class FeatureCache:
         vector = np.asarray(vector, np.float32)
         self._remember(key, vector)
         if self.directory is not None:
-            atomic_save(self._path(key), lambda p: np.save(p, vector, allow_pickle=False))
+            atomic_save(self._path(key), lambda p: np.save(p, vector, allow_pickle=False), suffix=".npy")
 
     def _remember(self, key: str, vector: np.ndarray) -> None:
         with self._lock:

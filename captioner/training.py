@@ -67,25 +67,29 @@ PRESETS: dict[str, dict] = {
 
 
 def caption_sequences(dataset: CaptionDataset, ids: list[str], vocab: Vocabulary, max_len: int):
-    """Every caption of `ids` as (image row, token ids with <start>/<end>), as a ragged tensor."""
+    """Every caption of `ids`: its image row and its ids `<start> w1..wn <end>`, zero-padded."""
     rows, sequences = [], []
     for row, image_id in enumerate(ids):
         for caption in dataset.captions[image_id]:
             rows.append(row)
             sequences.append(vocab.encode(caption, max_len))
-    return np.asarray(rows, np.int32), tf.ragged.constant(sequences, dtype=tf.int32)
+    padded = np.zeros((len(sequences), max(map(len, sequences), default=2)), np.int32)
+    for i, seq in enumerate(sequences):
+        padded[i, : len(seq)] = seq
+    return np.asarray(rows, np.int32), padded
 
 
 def teacher_forcing_dataset(
-    features: np.ndarray, rows: np.ndarray, sequences: tf.RaggedTensor, vocab: Vocabulary,
+    features: np.ndarray, rows: np.ndarray, sequences: np.ndarray, vocab: Vocabulary,
     batch_size: int, shuffle: bool, seed: int = 0,
 ) -> tf.data.Dataset:
     """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding."""
     table = tf.constant(features)
-    ds = tf.data.Dataset.from_tensor_slices((rows, sequences))
+    lengths = (sequences != vocab.pad_id).sum(axis=1)
+    ds = tf.data.Dataset.from_tensor_slices((rows, sequences, lengths))
     if shuffle:
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
-    ds = ds.bucket_by_sequence_length(
+    ds = ds.map(lambda row, seq, n: (row, seq[:n])).bucket_by_sequence_length(
         lambda row, seq: tf.shape(seq)[0],
         bucket_boundaries=[10, 13, 16, 20],
         bucket_batch_sizes=[batch_size] * 5,

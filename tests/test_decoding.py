@@ -1,0 +1,91 @@
+import keras
+import numpy as np
+import pytest
+
+from captioner.decoding import Decoder, DecodeOptions
+from captioner.model import ShowAndTell
+from captioner.text import Vocabulary
+
+VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(16)])
+
+
+@pytest.fixture(scope="module")
+def decoder():
+    keras.utils.set_random_seed(3)
+    return Decoder(ShowAndTell(len(VOCAB), 8, embed_dim=8, units=16, dropout=0.0), VOCAB)
+
+
+@pytest.fixture(scope="module")
+def features():
+    return np.random.default_rng(0).normal(size=(5, 8)).astype(np.float32) * 3
+
+
+def reference_greedy(model, features, max_len):
+    """The textbook loop: one image, one token at a time, argmax."""
+    out = []
+    banned = [VOCAB.pad_id, VOCAB.start_id, VOCAB.unk_id]
+    for f in features:
+        states, token, ids = model.initial_state(f[None]), VOCAB.start_id, []
+        for _ in range(max_len):
+            logits, states = model.step(np.array([token]), states)
+            logits = np.array(logits)[0]
+            logits[banned] = -np.inf
+            token = int(logits.argmax())
+            if token == VOCAB.end_id:
+                break
+            ids.append(token)
+        out.append(ids)
+    return out
+
+
+def sequence_log_prob(model, feature, ids):
+    tokens = [VOCAB.start_id, *ids, VOCAB.end_id]
+    logits = np.asarray(model((feature[None], np.array([tokens[:-1]]))), np.float64)[0]
+    logits[:, [VOCAB.pad_id, VOCAB.start_id, VOCAB.unk_id]] = -np.inf
+    log_p = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+    return float(sum(log_p[t, tok] for t, tok in enumerate(tokens[1:])))
+
+
+def test_greedy_matches_the_textbook_loop(decoder, features):
+    got = [h[0].ids for h in decoder(features, DecodeOptions("greedy", max_len=12))]
+    assert got == reference_greedy(decoder.model, features, 12)
+
+
+def test_beam_scores_are_true_log_probabilities_and_at_least_greedy(decoder, features):
+    greedy = decoder(features, DecodeOptions("greedy", max_len=12))
+    beams = decoder(features, DecodeOptions("beam", beam_size=4, max_len=12, num_results=3))
+    for f, g, b in zip(features, greedy, beams):
+        assert len(b) == 3
+        assert [h.score for h in b] == sorted((h.score for h in b), reverse=True)
+        if len(b[0].ids) < 12:  # not cut by the length limit: score is the model's log-prob
+            assert b[0].log_prob == pytest.approx(sequence_log_prob(decoder.model, f, b[0].ids), abs=1e-3)
+        assert b[0].log_prob >= g[0].log_prob - 1e-4
+
+
+def test_batched_beam_search_equals_one_image_at_a_time(decoder, features):
+    options = DecodeOptions("beam", beam_size=3, max_len=12)
+    together = [h[0].ids for h in decoder(features, options)]
+    alone = [decoder(features[i : i + 1], options)[0][0].ids for i in range(len(features))]
+    assert together == alone
+
+
+def test_max_len_and_special_tokens(decoder, features):
+    for method in ("greedy", "beam", "sample"):
+        for hyps in decoder(features, DecodeOptions(method, max_len=3, seed=0)):
+            assert len(hyps[0].ids) <= 3
+            assert not {VOCAB.pad_id, VOCAB.start_id, VOCAB.end_id, VOCAB.unk_id} & set(hyps[0].ids)
+
+
+def test_sampling_is_seeded_and_temperature_sharpens(decoder, features):
+    a = decoder(features, DecodeOptions("sample", seed=7, max_len=10))
+    b = decoder(features, DecodeOptions("sample", seed=7, max_len=10))
+    assert [h[0].ids for h in a] == [h[0].ids for h in b]
+    cold = decoder(features, DecodeOptions("sample", seed=1, temperature=1e-5, max_len=12))
+    assert [h[0].ids for h in cold] == reference_greedy(decoder.model, features, 12)
+
+
+def test_bad_options():
+    with pytest.raises(ValueError, match="method"):
+        DecodeOptions("nucleus")
+    with pytest.raises(ValueError):
+        DecodeOptions(beam_size=0)
