@@ -18,6 +18,7 @@ from typing import Any
 import keras
 
 from captioner import __version__
+from captioner.decoding import DecodeOptions
 from captioner.fileio import atomic_path
 from captioner.model import ShowAndTell
 from captioner.text import Vocabulary
@@ -78,10 +79,14 @@ def load_bundle(directory: str | Path) -> Bundle:
     if not isinstance(encoder, dict) or not {"name", "weights_id", "image_size", "feature_dim"} <= encoder.keys():
         raise BundleError(f"{name}: {CONFIG} 'encoder' must give name, weights_id, image_size and feature_dim")
     try:
-        vocab = Vocabulary.load(directory / VOCAB)
+        vocab = Vocabulary.load(_member(directory, VOCAB))
     except ValueError as e:
         raise BundleError(f"{name}: {e}") from None
-    model = _load_decoder(directory / DECODER)
+    try:
+        DecodeOptions(max_len=int(config["max_len"]), **dict(config.get("decoding") or {}))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{name}: {CONFIG} has invalid decoding settings ({e})") from None
+    model = _load_decoder(_member(directory, DECODER))
     problems = []
     if len(vocab) != config["vocab_size"]:
         problems.append(f"vocabulary has {len(vocab)} words but config says {config['vocab_size']}")
@@ -103,8 +108,17 @@ def load_bundle(directory: str | Path) -> Bundle:
     )
 
 
+def _member(directory: Path, filename: str) -> Path:
+    """`directory/filename`, refused if it is a symlink leading out of the bundle: a bundle
+    only ever reads its own fixed file names, never a path taken from its config."""
+    path = directory / filename
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise BundleError(f"{path}: points outside the bundle (to {path.resolve()}); refusing to read it")
+    return path
+
+
 def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG
+    path = _member(directory, CONFIG)
     try:
         config = json.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:

@@ -35,10 +35,8 @@ def _model_option(p: argparse.ArgumentParser) -> None:
 
 
 def _encoder_options(p: argparse.ArgumentParser) -> None:
-    from captioner.encoder import DEFAULT_ENCODER
-
-    p.add_argument("--encoder", default=DEFAULT_ENCODER, metavar="NAME",
-                   help=f"image encoder (default {DEFAULT_ENCODER}; see `captioner encoders`)")
+    p.add_argument("--encoder", metavar="NAME",
+                   help="image encoder (default: efficientnet-lite0; see `captioner encoders`)")
     p.add_argument("--encoder-weights", default="default", metavar="W",
                    help="'default' (offline file), 'imagenet' (Keras download), 'none' (random) or a .weights.h5 path")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache (default ~/.cache/captioner/features)")
@@ -113,6 +111,12 @@ def _decode_kwargs(args: argparse.Namespace) -> dict:
     return {k: getattr(args, k) for k in ("method", "beam_size", "max_len", "length_penalty", "temperature", "seed")}
 
 
+def _encoder(args: argparse.Namespace):
+    from captioner.encoder import DEFAULT_ENCODER, ImageEncoder
+
+    return ImageEncoder(args.encoder or DEFAULT_ENCODER, args.encoder_weights)
+
+
 def _cache_dir(args: argparse.Namespace):
     from captioner.features import DEFAULT_CACHE_DIR
 
@@ -146,9 +150,13 @@ class RowWriter:
         if not self.path.exists():
             return set()
         with open(self.path, encoding="utf-8", newline="") as f:
-            if self.jsonl:
-                return {json.loads(line)["image"] for line in f if line.strip()}
-            return {row["image"] for row in csv.DictReader(f)}
+            try:
+                if self.jsonl:
+                    return {json.loads(line)["image"] for line in f if line.strip()}
+                return {row["image"] for row in csv.DictReader(f)}
+            except (KeyError, TypeError, ValueError, csv.Error) as e:  # e.g. --resume of some other file
+                raise ValueError(f"{self.path}: not a captioner output file, cannot resume it "
+                                 f"({type(e).__name__}: {e})") from None
 
     def _write(self, values) -> None:
         if self.jsonl:
@@ -173,7 +181,6 @@ class RowWriter:
 def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    from captioner.captioner import Captioner
     from captioner.images import iter_image_files
 
     paths = [str(p) for p in iter_image_files(args.paths, args.recursive)]
@@ -187,6 +194,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("nothing to caption", file=sys.stderr)
         return 0
+    from captioner.captioner import Captioner  # TensorFlow: only once there is work to do
+
     captioner = Captioner.load(args.model, args.encoder_weights)
     failed = 0
     started = time.time()
@@ -213,12 +222,11 @@ def cmd_caption(args: argparse.Namespace) -> int:
 
 def cmd_extract_features(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
-    from captioner.encoder import ImageEncoder
     from captioner.features import FeatureCache, extract_features
 
     dataset = load_dataset(args.data)
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
-    encoder = ImageEncoder(args.encoder, args.encoder_weights)
+    encoder = _encoder(args)
     cache = FeatureCache(encoder.describe(), _cache_dir(args))
     started = time.time()
     _, failures = extract_features([dataset.images[i] for i in ids], encoder, cache, args.batch_size)
@@ -232,7 +240,6 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
-    from captioner.encoder import ImageEncoder
     from captioner.training import TrainConfig, train
 
     overrides = {k: getattr(args, k) for k in ("epochs", "batch_size", "learning_rate", "embed_dim", "units",
@@ -240,7 +247,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                  "monitor", "seed")}
     config = TrainConfig.preset(args.preset, **overrides)
     dataset = load_dataset(args.data)
-    encoder = ImageEncoder(args.encoder, args.encoder_weights)
+    encoder = _encoder(args)
     bundle = train(dataset, encoder, args.output, config, _cache_dir(args))
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "

@@ -18,12 +18,13 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path, PurePosixPath
 from typing import TextIO
 
+from captioner.images import IMAGE_SUFFIXES
+
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "dev", "test")
 LAYOUTS = ("flickr8k", "kaggle", "karpathy")
 
-IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"})
 FLICKR_IMAGE_DIRS = ("Flicker8k_Dataset", "Flickr8k_Dataset")  # the official name has the typo
 FLICKR_TEXT_DIRS = ("Flickr8k_text", ".")  # some people unpack the text zip into the root
 TOKEN_FILE = "Flickr8k.token.txt"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -35,7 +36,9 @@ def bleu_scores(references: Sequence[Sequence[str]], hypotheses: Sequence[str]) 
         raise ValueError("no captions to score")
     refs = [[tokenize(r) for r in rs] for rs in references]
     hyps = [tokenize(h) for h in hypotheses]
-    scores = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
+    with warnings.catch_warnings():  # nltk warns when an order has no match; a 0 score says it
+        warnings.simplefilter("ignore", UserWarning)
+        scores = corpus_bleu(refs, hyps, weights=BLEU_WEIGHTS)
     return {f"BLEU-{n}": 100.0 * float(s) for n, s in enumerate(scores, start=1)}
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import threading
+import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -33,6 +35,8 @@ def content_key(source: ImageSource) -> str:
         h.update(f"{source.size}{source.mode}".encode())
         h.update(source.tobytes())
     else:
+        if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO or device would block or never end
+            raise OSError(f"{source}: not a regular file")
         with open(source, "rb") as f:  # OSError is reported by the caller as an ImageError
             for chunk in iter(lambda: f.read(1 << 20), b""):
                 h.update(chunk)
@@ -68,9 +72,12 @@ class FeatureCache:
             return None
         try:
             vector = np.load(self._path(key), allow_pickle=False)
-        except (OSError, ValueError, EOFError):
+        except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
-        if vector.shape != (self.feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all():
+        if (
+            not isinstance(vector, np.ndarray)  # np.load returns an archive for zip data
+            or vector.shape != (self.feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all()
+        ):
             return None
         self._remember(key, vector)
         return vector
@@ -123,7 +130,8 @@ def iter_features(
             return load_image(sources[i], size), no_feature, np.int8(0)
         except ImageError as e:
             errors[i] = e
-        except OSError as e:  # unreadable file met while hashing: let the loader word the reason
+        except (OSError, TypeError) as e:  # unreadable file or unknown source type met while hashing:
+            # let the loader word the reason
             errors[i] = _as_image_error(sources[i], e)
         return blank, no_feature, np.int8(2)
 
@@ -153,7 +161,7 @@ def iter_features(
         )
 
 
-def _as_image_error(source: ImageSource, error: OSError) -> ImageError:
+def _as_image_error(source: ImageSource, error: Exception) -> ImageError:
     try:
         load_image(source)
     except ImageError as e:

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import os
+import stat
+import threading
 import warnings
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -13,6 +15,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
 # Pillow's own bomb limit is a warning up to 2x; make anything above it an error instead.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+_OPEN_LOCK = threading.Lock()
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
 
@@ -31,33 +34,52 @@ def describe_source(source: ImageSource) -> str:
         return str(source)
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<PIL image>"
-    return "<array>"
+    return "<array>" if isinstance(source, np.ndarray) else f"<{type(source).__name__}>"
 
 
 def _open(path: Path) -> Image.Image:
     name = str(path)
-    if path.is_dir():
-        raise ImageError(name, "is a directory, not an image file")
-    if not path.exists():
-        raise ImageError(name, "no such file" + (" (broken symlink)" if path.is_symlink() else ""))
     try:
-        if path.stat().st_size == 0:
-            raise ImageError(name, "empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+        info = path.stat()
+    except FileNotFoundError:
+        raise ImageError(name, "no such file" + (" (broken symlink)" if path.is_symlink() else "")) from None
+    except PermissionError:  # e.g. inside a folder the user may not enter
+        raise ImageError(name, "permission denied") from None
+    except OSError as e:  # symlink loop, name too long, ...
+        raise ImageError(name, f"cannot be read ({e.strerror or e})") from None
+    if stat.S_ISDIR(info.st_mode):
+        raise ImageError(name, "is a directory, not an image file")
+    if not stat.S_ISREG(info.st_mode):  # reading a FIFO or a device could block or never end
+        raise ImageError(name, "not a regular file")
+    if info.st_size == 0:
+        raise ImageError(name, "empty file (0 bytes)")
+    try:
+        # catch_warnings swaps process-wide state, so threads loading photos at once must
+        # take turns; only the header is read here, decoding below runs in parallel.
+        with _OPEN_LOCK, warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
             image = Image.open(path)
-            image.load()
+        if image.width * image.height > MAX_PIXELS:  # before a single pixel is decoded
+            raise ImageError(name, f"image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
+        image.load()
         return image
     except ImageError:
         raise
     except PermissionError:
         raise ImageError(name, "permission denied") from None
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
         raise ImageError(name, f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except MemoryError:
+        raise ImageError(name, "not enough memory to decode it") from None
     except UnidentifiedImageError:
         raise ImageError(name, "not an image Pillow can read") from None
-    except (OSError, SyntaxError, ValueError) as e:  # truncated or corrupt data
-        raise ImageError(name, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - corrupt data makes Pillow's decoders raise almost anything
+        raise ImageError(name, f"corrupt or truncated image ({_reason(e)})") from None
+
+
+def _reason(error: Exception) -> str:
+    text = " ".join(str(error).split())  # one line, whatever the decoder said
+    return text or type(error).__name__
 
 
 def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
@@ -72,7 +94,7 @@ def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
         image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good photo
         pass
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit, 32-bit and float: stretch to 8 bits
         a = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(a / max(a.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
     if image.mode == "P":
@@ -94,8 +116,10 @@ def load_image(source: ImageSource, size: int | None = None) -> np.ndarray:
         image = _array_to_image(source, name)
     elif isinstance(source, Image.Image):
         image = source
-    else:
+    elif isinstance(source, (str, os.PathLike)):
         image = _open(Path(source))
+    else:
+        raise ImageError(name, f"unsupported source type {type(source).__name__} (give a path, PIL image or array)")
     try:
         image = to_rgb(image, name)
         if size is not None and image.size != (size, size):
@@ -105,8 +129,8 @@ def load_image(source: ImageSource, size: int | None = None) -> np.ndarray:
         return np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise
-    except (OSError, ValueError) as e:
-        raise ImageError(name, f"corrupt or truncated image ({e})") from None
+    except Exception as e:  # noqa: BLE001 - e.g. a corrupt later frame or EXIF block of an opened file
+        raise ImageError(name, f"corrupt or truncated image ({_reason(e)})") from None
 
 
 def _array_to_image(array: np.ndarray, name: str) -> Image.Image:

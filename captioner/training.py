@@ -22,6 +22,7 @@ from captioner.data import CaptionDataset
 from captioner.decoding import Decoder, DecodeOptions
 from captioner.evaluation import bleu_scores
 from captioner.features import FeatureCache, extract_features
+from captioner.fileio import atomic_save, atomic_write_text
 from captioner.model import MaskedCrossEntropy, ShowAndTell
 from captioner.text import Vocabulary
 
@@ -64,6 +65,12 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(embed_dim=64, units=128, dropout=0.1, min_count=1, max_len=20, epochs=15,
                  batch_size=32, learning_rate=5e-3, patience=5, dev_images=200),
 }
+
+
+def build_model(config: TrainConfig, vocab_size: int, feature_dim: int) -> ShowAndTell:
+    """The decoder that `train` trains for this configuration (untrained)."""
+    return ShowAndTell(vocab_size, feature_dim, config.embed_dim, config.units, config.num_layers,
+                       config.dropout, config.rnn)
 
 
 def caption_sequences(dataset: CaptionDataset, ids: list[str], vocab: Vocabulary, max_len: int):
@@ -110,16 +117,28 @@ class DevBleu(keras.callbacks.Callback):
         super().__init__()
         self.features, self.references, self.vocab, self.max_len = features, references, vocab, max_len
 
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.decoder = Decoder(self.model, self.vocab)  # compiled once, reads the live weights
+
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        decoder = Decoder(self.model, self.vocab)
         options = DecodeOptions("greedy", max_len=self.max_len)
         hyps = []
         for start in range(0, len(self.features), 256):
-            hyps += [self.vocab.decode(h[0].ids) for h in decoder(self.features[start : start + 256], options)]
+            hyps += [self.vocab.decode(h[0].ids) for h in self.decoder(self.features[start : start + 256], options)]
         scores = bleu_scores(self.references, hyps)
         if logs is not None:
             logs["val_bleu1"], logs["val_bleu4"] = scores["BLEU-1"], scores["BLEU-4"]
         print(f" - dev BLEU-1 {scores['BLEU-1']:.1f} BLEU-4 {scores['BLEU-4']:.1f} (greedy): {hyps[0]!r}")
+
+
+class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+    """`BackupAndRestore` whose files are replaced atomically. Keras writes them in place, so a
+    run killed during the save would leave a torn checkpoint that no rerun could load."""
+
+    def _save_model(self) -> None:
+        atomic_save(self._weights_path, self.model.save_weights, suffix=".weights.h5")
+        atomic_write_text(self._training_metadata_path,
+                          json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
 class BestBundle(keras.callbacks.Callback):
@@ -190,8 +209,7 @@ def train(
     log.info("vocabulary %d words; %d train captions of %d images; %d dev images",
              len(vocab), len(rows), len(train_ids), len(dev_ids))
 
-    model = ShowAndTell(len(vocab), encoder.feature_dim, config.embed_dim, config.units,
-                        config.num_layers, config.dropout, config.rnn)
+    model = build_model(config, len(vocab), encoder.feature_dim)
     warmup = int(config.warmup_epochs * steps)
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
@@ -207,7 +225,7 @@ def train(
         return Bundle(model, vocab, encoder.describe(), max_len=config.max_len, info=info)
 
     callbacks: list[keras.callbacks.Callback] = [
-        keras.callbacks.BackupAndRestore(str(output / "backup")),
+        AtomicBackupAndRestore(str(output / "backup")),
         keras.callbacks.TerminateOnNaN(),
     ]
     validation = None
@@ -224,7 +242,9 @@ def train(
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
         ]
     callbacks.append(keras.callbacks.CSVLogger(str(output / "history.csv"), append=True))
-    model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose)
+    # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to tf.data.
+    model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
+              shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
     return load_bundle(output / "model")

@@ -1,0 +1,203 @@
+"""The Streamlit page, driven headlessly with `streamlit.testing.v1.AppTest` on the tiny trained model."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+import re
+import struct
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+from captioner.encoder import ImageEncoder
+from captioner.images import load_image
+from captioner.synthetic import random_scene, render_photo
+
+APP = Path(__file__).resolve().parents[1] / "app.py"
+pytestmark = pytest.mark.slow  # trains the tiny model (shared session fixture)
+
+
+@pytest.fixture(scope="module")
+def app():
+    """app.py as a module, for its helpers (its page runs only under `streamlit run`)."""
+    spec = importlib.util.spec_from_file_location("captioner_app", APP)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def bundle_dir(trained_run, monkeypatch):
+    """The tiny bundle, made the page's default model through `$CAPTIONER_MODEL`."""
+    model = trained_run[0] / "model"
+    monkeypatch.setenv("CAPTIONER_MODEL", str(model))
+    return model
+
+
+@pytest.fixture
+def encoder_calls(monkeypatch) -> list[int]:
+    """Sizes of the image batches any encoder in this process encodes from now on."""
+    calls: list[int] = []
+    original = ImageEncoder.__call__
+
+    def counting(self, images):
+        calls.append(len(images))
+        return original(self, images)
+
+    monkeypatch.setattr(ImageEncoder, "__call__", counting)
+    return calls
+
+
+def open_page() -> AppTest:
+    at = AppTest.from_file(str(APP), default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    return at
+
+
+def picture(seed: int, fmt: str = "PNG", size: int = 96) -> bytes:
+    buffer = io.BytesIO()
+    render_photo(random_scene(np.random.default_rng(seed)), size).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def write(directory: Path, files: list[tuple[str, bytes]]) -> list[str]:
+    paths = []
+    for name, data in files:
+        (directory / name).write_bytes(data)
+        paths.append(str(directory / name))
+    return paths
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG that declares `width` x `height` grey pixels but holds a few bytes of them."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def captions(at: AppTest) -> list[str]:
+    return [s.value for s in at.main.subheader]
+
+
+def beams(at: AppTest) -> list[list[tuple[str, float]]]:
+    """Each photo's listed beams: (sentence, log-prob)."""
+    line = re.compile(r"\d+\. (.+) :gray\[· log-prob (-?[\d.]+) · p \d+%\]")
+    return [
+        [(m[1], float(m[2])) for m in map(line.fullmatch, e.markdown[0].value.splitlines())]
+        for e in at.main.expander if e.label.startswith("Top ")
+    ]
+
+
+def test_example_photo_gets_its_caption_and_beams(bundle_dir, app, trained_captioner, tmp_path):
+    at = open_page()
+    assert "Add a photo" in at.main.info[0].value
+    assert not captions(at)
+
+    at.checkbox(key="example-coffee").check().run()
+    assert not at.exception, at.exception
+    expected = trained_captioner.caption(app.EXAMPLES["Coffee"], num_results=3)
+    assert captions(at) == [app.sentence(expected.caption)]
+    assert any(c.value.startswith("coffee.jpg · beam search, width 3") for c in at.main.caption)
+    [shown] = beams(at)
+    assert shown == [(text, pytest.approx(lp, abs=0.005)) for text, lp in expected.beams]
+    assert len(shown) == 3 and [lp for _, lp in shown] == sorted((lp for _, lp in shown), reverse=True)
+
+
+def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, trained_captioner, tmp_path):
+    good = [("one.png", picture(11)), ("two.jpg", picture(12, "JPEG")), ("three.gif", picture(13, "GIF"))]
+    bad = {
+        "corrupt.jpg": (picture(14, "JPEG")[:300], "corrupt or truncated"),
+        "notes.png": (b"shopping list: eggs, milk\n", "not an image"),
+        "empty.webp": (b"", "empty file"),
+        "huge.png": (png_header_only(20_000, 20_000), "too large"),
+        "zero.png": (png_header_only(0, 0), ""),
+    }
+    uploads = [good[0], *((name, data) for name, (data, _) in bad.items()), *good[1:]]
+    expected = trained_captioner.caption(write(tmp_path, good))
+
+    at = open_page()
+    at.file_uploader(key="uploads").set_value([(name, data, "image/png") for name, data in uploads]).run()
+    assert not at.exception, at.exception
+    assert captions(at) == [app.sentence(r.caption) for r in expected]
+    errors = [e.value for e in at.main.error]
+    assert len(errors) == len(bad)
+    for error, (name, (_, reason)) in zip(errors, bad.items()):
+        assert error.startswith(f"**{name}** could not be captioned: ") and reason in error
+    assert any(m.value.startswith("**3 of 8 photos captioned** · 5 could not be read") for m in at.main.markdown)
+
+
+def test_settings_change_recaptions_without_reencoding(bundle_dir, trained_captioner, encoder_calls, tmp_path):
+    files = [("a.png", picture(21)), ("b.png", picture(22))]
+    paths = write(tmp_path, files)
+    greedy = [r.caption for r in trained_captioner.caption(paths, method="greedy")]
+    short = [r.caption for r in trained_captioner.caption(paths, method="greedy", max_len=3)]
+    encoder_calls.clear()
+
+    at = open_page()
+    at.file_uploader(key="uploads").set_value([(n, d, "image/png") for n, d in files]).run()
+    assert len(beams(at)) == 2 and sum(encoder_calls) == 2  # each photo encoded once
+
+    at.radio(key="method").set_value("greedy").run()
+    assert [c.lower().rstrip(".") for c in captions(at)] == greedy
+    assert [c.value.split(" · ")[1] for c in at.main.caption] == ["greedy", "greedy"]
+    assert not beams(at)  # one sentence each: no beams to show
+
+    at.slider(key="max_len").set_value(3).run()
+    assert [c.lower().rstrip(".") for c in captions(at)] == short
+
+    at.radio(key="method").set_value("beam").run()
+    at.slider(key="beam_size").set_value(5).run()
+    assert [len(b) for b in beams(at)] == [5, 5]
+    assert not at.exception, at.exception
+    assert sum(encoder_calls) == 2, "re-captioning with new settings encoded the photos again"
+
+
+def test_missing_model_explains_how_to_get_one(trained_run, monkeypatch, tmp_path):
+    monkeypatch.setenv("CAPTIONER_MODEL", str(tmp_path / "no-model-here"))
+    at = open_page()
+    assert "No caption model could be loaded" in at.main.warning[0].value
+    assert "no-model-here" in at.main.warning[0].value
+    assert "captioner train --data" in at.main.code[0].value
+    assert not at.file_uploader
+
+    at.text_input(key="model_dir").input(str(tmp_path)).run()  # a folder, but no bundle in it
+    assert not at.exception, at.exception
+    assert "not a model bundle" in at.main.error[0].value
+
+    at.text_input(key="model_dir").input(str(trained_run[0] / "model")).run()
+    assert not at.exception and not at.main.error and not at.main.warning
+    at.checkbox(key="example-chelsea").check().run()
+    assert len(captions(at)) == 1
+
+
+def test_downloads_hold_every_caption_and_error(app, trained_captioner, tmp_path):
+    paths = write(tmp_path, [("good.png", picture(31)), ("bad.jpg", b"not a photo")])
+    results = trained_captioner.caption(paths, num_results=2)
+    for r, name in zip(results, ["good.png", "bad.jpg"]):
+        r.source = name
+
+    rows = list(csv.DictReader(io.StringIO(app.results_csv(results))))
+    assert [(row["image"], row["caption"]) for row in rows] == [("good.png", results[0].caption), ("bad.jpg", "")]
+    assert float(rows[0]["log_prob"]) == pytest.approx(results[0].log_prob, abs=1e-4)
+    assert rows[1]["error"] == results[1].error and rows[1]["log_prob"] == ""
+
+    data = json.loads(app.results_json(results, "runs/x/model", {"method": "beam", "beam_size": 2}))
+    assert data["model"] == "runs/x/model" and data["settings"]["beam_size"] == 2
+    good, bad = data["captions"]
+    assert good["caption"] == results[0].caption and len(good["beams"]) == 2
+    assert bad["caption"] is None and "not an image" in bad["error"]
+
+
+def test_example_photos_are_real_photos_the_loader_reads(app):
+    assert sorted(app.EXAMPLES) == ["Astronaut", "Chelsea", "Coffee", "Rocket"]
+    for name, path in app.EXAMPLES.items():
+        assert load_image(path).shape[2] == 3 and Image.open(io.BytesIO(app.example_photo(name))).format == "JPEG"
