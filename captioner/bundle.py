@@ -61,7 +61,11 @@ class Bundle:
             tmp.mkdir()
             (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
             self.vocab.save(tmp / VOCAB)
-            self.model.save(tmp / DECODER, include_optimizer=False)
+            # A `.keras` file keeps a compiled model's optimizer state (3x the size) whatever
+            # `include_optimizer` says, and a bundle is for inference: save an uncompiled twin.
+            twin = type(self.model).from_config(self.model.get_config())
+            twin.set_weights(self.model.get_weights())
+            twin.save(tmp / DECODER)
         return directory
 
 

@@ -36,6 +36,15 @@ def test_round_trip_is_identical(bundle_dir, model):
     assert loaded.info == {"note": "test"}
 
 
+def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path, model):
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    model.fit((np.ones((2, 8), np.float32), np.array([[1, 4], [1, 5]])), np.array([[4, 2], [5, 2]]), verbose=0)
+    path = Bundle(model, VOCAB, ENCODER, max_len=12).save(tmp_path / "trained")
+    with zipfile.ZipFile(path / "decoder.keras") as z:
+        assert "optimizer" not in z.read("model.weights.h5").decode("latin-1")
+    np.testing.assert_array_equal(load_bundle(path).model.get_weights()[0], model.get_weights()[0])
+
+
 def test_saving_over_a_bundle_replaces_it_whole(bundle_dir):
     model = ShowAndTell(len(VOCAB), 8, embed_dim=4, units=6)
     Bundle(model, VOCAB, ENCODER, max_len=20).save(bundle_dir)
