@@ -43,11 +43,12 @@ class Captioner:
     def __init__(self, bundle: Bundle, encoder: ImageEncoder, cache_dir: str | Path | None = None):
         identity = encoder.describe()
         expected = bundle.encoder
-        if (identity["name"], identity["weights_id"]) != (expected["name"], expected["weights_id"]):
-            raise BundleError(
-                f"model was trained on encoder {expected['name']} ({expected['weights_id'][:20]}...) "
-                f"but got {identity['name']} ({identity['weights_id'][:20]}...); captions would be nonsense"
-            )
+        # Any difference (weights, or a feature size the decoder cannot take) would give nonsense captions.
+        wrong = [f"{key} {identity[key]} instead of {expected.get(key)}"
+                 for key in identity if identity[key] != expected.get(key)]
+        if wrong:
+            raise BundleError(f"model was trained on encoder {expected['name']} ({expected['weights_id'][:20]}) "
+                              f"but got one with {', '.join(wrong)}; captions would be nonsense")
         self.bundle, self.encoder = bundle, encoder
         self.decoder = Decoder(bundle.model, bundle.vocab)
         # Features are cached by photo content, so re-captioning with new settings re-encodes nothing.

@@ -1,0 +1,201 @@
+"""The `captioner` command through real subprocesses, as a user runs it.
+
+Starting Python with TensorFlow takes seconds, so every command of this file is started once,
+a few at a time, by the `runs` fixture; the tests then check what each one did.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from captioner.cli import OUTPUT_FIELDS, build_parser
+from captioner.synthetic import random_scene, render_scene
+
+ROOT = Path(__file__).resolve().parents[1]
+SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "make-shapes", "encoders"]
+
+
+@dataclass
+class Run:
+    args: list[str]
+    returncode: int
+    stdout: str
+    stderr: str
+
+    @property
+    def error_lines(self) -> list[str]:
+        return [line for line in self.stderr.splitlines() if line.startswith("error: ")]
+
+
+def make_photos(folder: Path) -> dict[str, str | None]:
+    """Four good photos and the three broken files of issue 2; {name: expected reason or None}."""
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        render_scene(random_scene(rng), 64).save(folder / f"good_{i}.jpg", quality=90)
+    good = (folder / "good_0.jpg").read_bytes()
+    (folder / "broken.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "notes.jpg").write_text("remember to buy milk\n")
+    (folder / "readme.txt").write_text("not picked up: wrong suffix\n")
+    return {**{f"good_{i}.jpg": None for i in range(4)}, "broken.jpg": "corrupt or truncated image",
+            "empty.jpg": "empty file (0 bytes)", "notes.jpg": "not an image Pillow can read"}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
+    base = tmp_path_factory.mktemp("cli")
+    photos = base / "photos"
+    expected = make_photos(photos)
+    model = str(trained_run[0] / "model")
+    # a JSONL file left by a run killed after two rows, in the middle of the third
+    partial = base / "partial.jsonl"
+    kept = [{"image": str(photos / "good_0.jpg"), "caption": "a kept caption", "log_prob": -1.0, "error": None},
+            {"image": str(photos / "empty.jpg"), "caption": None, "log_prob": None, "error": "empty file (0 bytes)"}]
+    partial.write_text("".join(json.dumps(row) + "\n" for row in kept)
+                       + json.dumps({"image": str(photos / "good_1.jpg"), "caption": "a torn row"})[:40],
+                       encoding="utf-8")
+    (base / "foreign.csv").write_text("name,score\nalice,3\n")
+    commands = {
+        "csv": ["caption", str(photos), "--model", model, "-o", str(base / "out.csv")],
+        "stdout": ["caption", str(photos / "good_1.jpg"), str(photos / "good_2.jpg"), str(photos / "notes.jpg"),
+                   "--model", model, "--top", "2"],
+        "resume": ["caption", str(photos), "--model", model, "-o", str(partial), "--resume"],
+        "missing path": ["caption", str(photos / "nope.jpg"), "--model", model],
+        "missing model": ["caption", str(photos), "--model", str(base / "no-such-model")],
+        "bad value": ["caption", str(photos / "good_0.jpg"), "--model", model, "--beam-size", "0"],
+        "bad option": ["caption", str(photos), "--beam-size", "wide"],
+        "unknown option": ["caption", str(photos), "--frobnicate"],
+        "bad output": ["caption", str(photos), "-o", str(base / "out.txt")],
+        "foreign resume": ["caption", str(photos), "-o", str(base / "foreign.csv"), "--resume"],
+        "no command": [],
+        **{f"help {name}": [name, "--help"] for name in SUBCOMMANDS},
+        "help": ["--help"],
+    }
+    env = {**os.environ, "CAPTIONER_HOME": str(base / "home"), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+
+    def run(args: list[str]) -> Run:
+        done = subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True,
+                              env=env, cwd=base, timeout=300, check=False)
+        return Run(args, done.returncode, done.stdout, done.stderr)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:  # two busy cores: a few processes at a time
+        results = dict(zip(commands, pool.map(run, commands.values())))
+    results["meta"] = (base, photos, expected)  # type: ignore[assignment]
+    return results
+
+
+def no_traceback(run: Run) -> None:
+    assert "Traceback" not in run.stderr + run.stdout, run.stderr
+
+
+def test_caption_a_folder_with_broken_files(runs):
+    base, photos, expected = runs["meta"]
+    run = runs["csv"]
+    no_traceback(run)
+    assert run.returncode == 1, run.stderr  # some photos failed
+    failing = {name: reason for name, reason in expected.items() if reason}
+    for name, reason in failing.items():  # "error: <file>: <reason>", once each
+        assert sum(line.startswith(f"error: {photos / name}: {reason}") for line in run.error_lines) == 1
+    assert len(run.error_lines) == len(failing) == 3
+    assert "captioned 4 of 7 photos" in run.stderr and "3 failed" in run.stderr
+    with open(base / "out.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["image"]).name for r in rows] == sorted(expected)  # in order, readme.txt not picked up
+    for row in rows:
+        reason = expected[Path(row["image"]).name]
+        if reason is None:
+            assert row["caption"] and float(row["log_prob"]) < 0 and row["error"] == ""
+        else:
+            assert row["caption"] == "" and row["log_prob"] == "" and row["error"].startswith(reason)
+
+
+def test_caption_to_stdout_with_top_beams(runs):
+    _, photos, _ = runs["meta"]
+    run = runs["stdout"]
+    no_traceback(run)
+    assert run.returncode == 1
+    lines = run.stdout.splitlines()
+    captions = [line for line in lines if not line.startswith("\t")]
+    assert [line.split("\t")[0] for line in captions] == [str(photos / "good_1.jpg"), str(photos / "good_2.jpg")]
+    assert all(line.split("\t")[1] for line in captions)
+    beams = [line for line in lines if line.startswith("\t")]
+    assert len(beams) == 2 and all(float(line.split()[0]) < 0 for line in beams)
+    assert run.error_lines == [f"error: {photos / 'notes.jpg'}: not an image Pillow can read"]
+
+
+def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
+    """--resume after a kill (JSONL here; the kill tests do both formats): the finished rows stay
+    as they are, the torn one goes, every photo ends up in the file exactly once."""
+    base, photos, expected = runs["meta"]
+    run = runs["resume"]
+    no_traceback(run)
+    assert run.returncode == 1  # broken.jpg and notes.jpg still fail
+    assert "resuming: 2 photos already in" in run.stderr
+    assert "captioned 3 of 5 photos" in run.stderr
+    text = (base / "partial.jsonl").read_text(encoding="utf-8")
+    assert text.endswith("\n") and "a torn" not in text
+    rows = [json.loads(line) for line in text.splitlines()]  # every line whole
+    assert [set(r) for r in rows] == [set(OUTPUT_FIELDS)] * len(rows)
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(expected)
+    assert rows[0]["caption"] == "a kept caption"  # finished work is never redone or rewritten
+    good_3 = next(r for r in rows if r["image"] == str(photos / "good_3.jpg"))
+    assert good_3["caption"] and good_3["error"] is None and isinstance(good_3["log_prob"], float)
+    notes = next(r for r in rows if r["image"] == str(photos / "notes.jpg"))
+    assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None,
+                     "error": "not an image Pillow can read"}
+
+
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing path", "nope.jpg: no such file or directory"),
+        ("missing model", "no-such-model: model bundle not found"),
+        ("bad value", "beam size, max length and number of results must be at least 1"),
+        ("bad output", "out.txt: output must end in .csv or .jsonl"),
+        ("foreign resume", "foreign.csv: not a captioner output file, cannot resume it"),
+    ],
+)
+def test_user_errors_are_one_line(runs, name, message):
+    run = runs[name]
+    no_traceback(run)
+    assert run.returncode == 2, run.stderr
+    [line] = run.stderr.strip().splitlines()
+    assert line.startswith("captioner: error: ") and message in line, line
+
+
+@pytest.mark.parametrize("name, message", [
+    ("bad option", "argument --beam-size: invalid int value: 'wide'"),
+    ("unknown option", "unrecognized arguments: --frobnicate"),
+    ("no command", "the following arguments are required: COMMAND"),
+])
+def test_bad_options_are_argparse_errors(runs, name, message):
+    run = runs[name]
+    no_traceback(run)
+    assert run.returncode == 2
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("captioner") and "error: " + message in last, run.stderr
+
+
+def test_help_for_every_subcommand(runs):
+    listed = runs["help"]
+    assert listed.returncode == 0 and all(name in listed.stdout for name in SUBCOMMANDS)
+    subparsers = next(a for a in build_parser()._actions if a.dest == "command")
+    assert sorted(subparsers.choices) == sorted(SUBCOMMANDS)  # a new subcommand needs a row above
+    for name in SUBCOMMANDS:
+        run = runs[f"help {name}"]
+        no_traceback(run)
+        assert run.returncode == 0 and run.stdout.startswith(f"usage: captioner {name}"), run.stderr
+    assert "--resume" in runs["help caption"].stdout and "--recursive" in runs["help caption"].stdout
+    assert "--epochs" in runs["help train"].stdout and "--preset" in runs["help train"].stdout
+
+
