@@ -6,6 +6,7 @@ bundle chosen on dev BLEU-4; `BackupAndRestore` so a killed run resumes where it
 """
 from __future__ import annotations
 
+import csv
 import json
 import logging
 import math
@@ -146,6 +147,30 @@ class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
                           json.dumps({"epoch": self._current_epoch, "batch": self._last_batch_seen}))
 
 
+class EpochTimer(keras.callbacks.Callback):
+    """Logs each epoch's wall time (`seconds`, dev decoding included) and the run's total, which
+    survives resuming: it starts from the seconds already in `history.csv`."""
+
+    def __init__(self, history: Path):
+        super().__init__()
+        self.history = history
+
+    def on_train_begin(self, logs: dict | None = None) -> None:
+        self.total = 0.0
+        if self.history.exists():
+            with open(self.history, newline="") as f:
+                self.total = sum(float(row.get("seconds") or 0) for row in csv.DictReader(f))
+
+    def on_epoch_begin(self, epoch: int, logs: dict | None = None) -> None:
+        self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        seconds = time.perf_counter() - self.start
+        self.total += seconds
+        if logs is not None:
+            logs["seconds"] = round(seconds, 1)
+
+
 class BestBundle(keras.callbacks.Callback):
     """Saves the bundle (atomically) whenever the monitored dev score improves."""
 
@@ -190,7 +215,6 @@ def train(
     if not resuming:
         (output / "history.csv").unlink(missing_ok=True)
     keras.utils.set_random_seed(config.seed)
-    started = time.time()
 
     train_ids, dev_ids = dataset.splits.get("train", []), dataset.splits.get("dev", [])
     if not train_ids:
@@ -210,7 +234,7 @@ def train(
     dev_ids, dev_features = encode(dev_ids, "dev") if dev_ids else ([], None)
     rows, seqs = caption_sequences(dataset, train_ids, vocab, config.max_len)
     train_ds = teacher_forcing_dataset(train_features, rows, seqs, vocab, config.batch_size, True, config.seed)
-    steps = math.ceil(len(rows) / config.batch_size) + 5  # bucketing adds a few partial batches
+    steps = int(train_ds.cardinality())
     log.info("vocabulary %d words; %d train captions of %d images; %d dev images",
              len(vocab), len(rows), len(train_ids), len(dev_ids))
 
@@ -226,9 +250,10 @@ def train(
     def make_bundle(best: dict) -> Bundle:
         info = {"train_config": asdict(config), "dataset": {"root": str(dataset.root), "layout": dataset.layout,
                 "train_images": len(train_ids), "dev_images": len(dev_ids)},
-                "best": best, "train_seconds": round(time.time() - started, 1)}
+                "best": best, "train_seconds": round(timer.total, 1)}
         return Bundle(model, vocab, encoder.describe(), max_len=config.max_len, info=info)
 
+    timer = EpochTimer(output / "history.csv")
     callbacks: list[keras.callbacks.Callback] = [
         AtomicBackupAndRestore(str(output / "backup")),
         keras.callbacks.TerminateOnNaN(),
@@ -243,9 +268,12 @@ def train(
         if config.monitor == "bleu":
             callbacks.append(DevBleu(dev_features[:n], refs, vocab, config.max_len))
         callbacks += [
+            timer,  # after the dev decoding it times, before the callbacks that record `seconds`
             BestBundle(output / "model", make_bundle, monitor, mode, resuming),
             keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
         ]
+    else:
+        callbacks.append(timer)
     callbacks.append(keras.callbacks.CSVLogger(str(output / "history.csv"), append=True))
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to tf.data.
     model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,

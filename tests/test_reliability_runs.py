@@ -376,10 +376,15 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path):
     epochs_run = [line.split()[1] for line in second.stdout.splitlines() if line.startswith("Epoch ")]
     assert epochs_run == [f"{e}/{EPOCHS}" for e in range(done + 1, EPOCHS + 1)]  # continued, not restarted
     with open(run / "history.csv", newline="") as f:
-        epochs = [int(row["epoch"]) for row in csv.DictReader(f)]
+        history = list(csv.DictReader(f))
+    epochs = [int(row["epoch"]) for row in history]
     # Keras numbers epochs from 0; the killed run may not have logged its last epoch yet
     assert epochs == sorted(set(epochs)) and epochs[-1] == EPOCHS - 1 and set(range(done, EPOCHS)) <= set(epochs)
     assert not (run / "backup").exists()
     bundle = load_bundle(run / "model")
     assert bundle.encoder["name"] == "tiny" and bundle.info["best"]["epoch"] >= 1
+    # the training time counts the killed run's epochs too, not only the resumed ones
+    best = bundle.info["best"]["epoch"]
+    logged = sum(float(r["seconds"]) for r in history if int(r["epoch"]) < best)
+    assert bundle.info["train_seconds"] == pytest.approx(logged, abs=0.05 * EPOCHS) and logged > 0
     assert leftovers(run, {"model", "history.csv"}) == []
