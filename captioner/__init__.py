@@ -4,7 +4,7 @@
     print(Captioner.load().caption("photo.jpg").caption)
 """
 __version__ = "0.1.0"
-__all__ = ["Captioner", "CaptionResult", "__version__"]
+__all__ = ["CaptionResult", "Captioner", "__version__"]
 
 
 def __getattr__(name: str):

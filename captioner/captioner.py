@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from captioner.bundle import Bundle, BundleError, load_bundle
-from captioner.decoding import Decoder, DecodeOptions, Hypothesis
+from captioner.decoding import DecodeOptions, Decoder, Hypothesis
 from captioner.encoder import ImageEncoder
 from captioner.features import FeatureCache, iter_features
 from captioner.images import ImageError, ImageSource, describe_source
@@ -56,7 +56,7 @@ class Captioner:
 
     @classmethod
     def load(cls, model: str | Path | None = None, encoder_weights: str = "default",
-             cache_dir: str | Path | None = None) -> "Captioner":
+             cache_dir: str | Path | None = None) -> Captioner:
         """Load a bundle (default: the shipped model) and build its encoder."""
         bundle = load_bundle(model or default_model_path())
         encoder = ImageEncoder(bundle.encoder["name"], weights=encoder_weights)

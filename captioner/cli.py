@@ -194,7 +194,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
     if not paths:
         print("nothing to caption", file=sys.stderr)
         return 0
-    from captioner.captioner import Captioner  # TensorFlow: only once there is work to do
+    # Imported here: TensorFlow loads only once there is work to do.
+    from captioner.captioner import Captioner
 
     captioner = Captioner.load(args.model, args.encoder_weights)
     failed = 0

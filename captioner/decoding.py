@@ -5,7 +5,7 @@ at once; the bookkeeping between steps is vectorised NumPy.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import tensorflow as tf

@@ -41,7 +41,7 @@ class Vocabulary:
     pad_id, start_id, end_id, unk_id = 0, 1, 2, 3
 
     @classmethod
-    def build(cls, captions: Iterable[str], min_count: int = 5) -> "Vocabulary":
+    def build(cls, captions: Iterable[str], min_count: int = 5) -> Vocabulary:
         """Words seen at least `min_count` times, most frequent first (ties alphabetical)."""
         counts = Counter(w for c in captions for w in tokenize(c))
         kept = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
@@ -76,7 +76,7 @@ class Vocabulary:
         atomic_write_text(path, json.dumps({"words": self.words}, ensure_ascii=False, indent=0))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Vocabulary":
+    def load(cls, path: str | Path) -> Vocabulary:
         try:
             data = json.loads(Path(path).read_text(encoding="utf-8"))
             words = data["words"]

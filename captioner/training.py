@@ -20,7 +20,7 @@ import tensorflow as tf
 
 from captioner.bundle import Bundle, load_bundle
 from captioner.data import CaptionDataset
-from captioner.decoding import Decoder, DecodeOptions
+from captioner.decoding import DecodeOptions, Decoder
 from captioner.evaluation import bleu_scores
 from captioner.features import FeatureCache, extract_features
 from captioner.fileio import atomic_save, atomic_write_text
@@ -53,7 +53,7 @@ class TrainConfig:
     seed: int = 0
 
     @classmethod
-    def preset(cls, name: str, **overrides) -> "TrainConfig":
+    def preset(cls, name: str, **overrides) -> TrainConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
         return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})

@@ -33,11 +33,11 @@ from typing import BinaryIO
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this checkout
 
-import keras  # noqa: E402
-import numpy as np  # noqa: E402
+import keras
+import numpy as np
 
-from captioner import encoder  # noqa: E402
-from captioner.fileio import atomic_save, atomic_write_text  # noqa: E402
+from captioner import encoder
+from captioner.fileio import atomic_save, atomic_write_text
 
 # ---------------------------------------------------------------------------
 # Reading a legacy (torch < 1.6) .pth state_dict without torch, refusing anything else

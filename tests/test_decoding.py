@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from captioner.decoding import Decoder, DecodeOptions
+from captioner.decoding import DecodeOptions, Decoder
 from captioner.model import ShowAndTell
 from captioner.text import Vocabulary
 

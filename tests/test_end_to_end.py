@@ -1,10 +1,10 @@
 """Train a small model on generated photos and check that it really learned to caption."""
 import pytest
 
+from captioner.bundle import Bundle
 from captioner.captioner import Captioner
 from captioner.evaluation import evaluate
 from captioner.model import ShowAndTell
-from captioner.bundle import Bundle
 
 pytestmark = pytest.mark.slow
 

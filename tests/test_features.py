@@ -3,27 +3,15 @@ import io
 
 import numpy as np
 import pytest
+from helpers import IDENTITY, CountingEncoder
 from PIL import Image
 
-from captioner.features import FeatureCache, content_key, extract_features, iter_features
-
-IDENTITY = {"name": "flat", "weights_id": "mean-colour", "image_size": 8, "feature_dim": 3}
-
-
-class CountingEncoder:
-    """Mean colour as the feature; remembers how many photos it encoded."""
-
-    image_size, feature_dim = 8, 3
-
-    def __init__(self):
-        self.encoded = 0
-
-    def __call__(self, images):
-        self.encoded += len(images)
-        return np.asarray(images, np.float32).mean(axis=(1, 2))
-
-    def describe(self):
-        return IDENTITY
+from captioner.features import (
+    FeatureCache,
+    content_key,
+    extract_features,
+    iter_features,
+)
 
 
 def write_photos(folder, colours):

@@ -22,6 +22,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from helpers import IDENTITY, CountingEncoder
 from PIL import Image
 
 from captioner.bundle import Bundle, load_bundle
@@ -140,20 +141,6 @@ def test_vocabulary_save_crashing_mid_write_keeps_the_old_file(tmp_path, monkeyp
 # ---------------------------------------------------------------------------------------------
 # Feature cache entries
 # ---------------------------------------------------------------------------------------------
-
-IDENTITY = {"name": "flat", "weights_id": "mean-colour", "image_size": 8, "feature_dim": 3}
-
-
-class CountingEncoder:
-    image_size, feature_dim = 8, 3
-
-    def __init__(self):
-        self.encoded = 0
-
-    def __call__(self, images):
-        self.encoded += len(images)
-        return np.asarray(images, np.float32).mean(axis=(1, 2))
-
 
 def _npy(array, allow_pickle=False) -> bytes:
     buffer = io.BytesIO()

@@ -1,0 +1,48 @@
+"""The shipped model: loads offline, captions real and generated photos, matches its encoder."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import skimage.data
+
+from captioner.captioner import DEFAULT_MODEL, Captioner
+from captioner.encoder import ImageEncoder
+from captioner.synthetic import random_scene, render_scene
+from captioner.text import tokenize
+
+
+@pytest.fixture(scope="module")
+def captioner():
+    return Captioner.load()  # no argument: the shipped bundle, no training, no download
+
+
+def is_sentence(text: str, vocab) -> bool:
+    words = tokenize(text)
+    return 2 <= len(words) <= 30 and all(w in vocab.index for w in words)
+
+
+def test_shipped_bundle_records_the_encoder_the_project_builds():
+    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    assert config["encoder"] == ImageEncoder(config["encoder"]["name"]).describe()
+
+
+def test_captions_a_real_photo(captioner):
+    result = captioner.caption(skimage.data.coffee())
+    assert is_sentence(result.caption, captioner.bundle.vocab), result.caption
+    assert np.isfinite(result.log_prob)
+
+
+def test_captions_a_generated_photo_and_the_examples(captioner):
+    picture = render_scene(random_scene(np.random.default_rng(0)), 224)
+    examples = sorted((Path(__file__).parent.parent / "data" / "examples").glob("*.jpg"))
+    results = captioner.caption([picture, *examples])
+    assert len(results) == 5
+    for result in results:
+        assert result.ok and is_sentence(result.caption, captioner.bundle.vocab), result
+
+
+def test_chelsea_is_a_cat(captioner):
+    """A sanity check of meaning, not just form: the cat photo's best beams mention a cat."""
+    result = captioner.caption(skimage.data.chelsea(), beam_size=5, num_results=5)
+    assert any({"cat", "kitten"} & set(tokenize(text)) for text, _ in result.beams), result.beams
