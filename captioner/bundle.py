@@ -40,7 +40,8 @@ class Bundle:
     vocab: Vocabulary
     encoder: dict            # ImageEncoder.describe(): name, weights_id, image_size, feature_dim
     max_len: int = 30
-    decoding: dict = field(default_factory=lambda: {"method": "beam", "beam_size": 3, "length_penalty": 0.0})
+    decoding: dict = field(default_factory=lambda: {k: getattr(DecodeOptions(), k)
+                                                    for k in ("method", "beam_size", "length_penalty")})
     info: dict = field(default_factory=dict)  # training data, metrics, time: for people, not code
 
     def save(self, directory: str | Path) -> Path:

@@ -23,7 +23,7 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--beam-size", type=int, metavar="K", help="beam width (default: the model's, 3)")
     g.add_argument("--max-len", type=int, metavar="N", help="longest caption in words")
     g.add_argument("--length-penalty", type=float, metavar="A",
-                   help="rank finished beams by log-prob / length**A (0 = none)")
+                   help="rank finished beams by log-prob / length**A (0 = none; default: the model's, 0.5)")
     g.add_argument("--temperature", type=float, metavar="T", help="sampling temperature (with --method sample)")
     g.add_argument("--seed", type=int, help="random seed for sampling")
 
