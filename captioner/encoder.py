@@ -31,7 +31,9 @@ DEFAULT_ENCODER = "efficientnet-lite0"
 ASSETS_DIR = Path(__file__).parent / "assets" / "encoders"
 HEAD_LAYER = "predictions"  # the 1000-class ImageNet softmax, where a network has one
 
-_MAX_BATCH = 64  # images per forward pass: bounds peak memory for large inputs
+# Images per forward pass. Small passes keep the activations in the CPU caches: EfficientNet-Lite0
+# on 2 cores runs at 90 images/s in passes of 8 against 65 in passes of 32 (bench/README.md).
+_FORWARD_BATCH = 8
 
 
 class EncoderError(ValueError):
@@ -418,8 +420,8 @@ class ImageEncoder:
             )
         batch = batch.astype(np.float32, copy=False)
         out = np.empty((len(batch), width), np.float32)
-        for start in range(0, len(batch), _MAX_BATCH):
-            out[start : start + _MAX_BATCH] = fn(batch[start : start + _MAX_BATCH]).numpy()
+        for start in range(0, len(batch), _FORWARD_BATCH):
+            out[start : start + _FORWARD_BATCH] = fn(batch[start : start + _FORWARD_BATCH]).numpy()
         return out
 
     def __call__(self, images) -> np.ndarray:
