@@ -182,7 +182,7 @@ def model_summary(captioner: Captioner) -> str:
     if trained_on := (info.get("dataset") or {}).get("train_images"):
         parts.append(f"trained on {trained_on:,} photos")
     if (bleu4 := (info.get("best") or {}).get("val_bleu4")) is not None:
-        parts.append(f"dev BLEU-4 {bleu4:.1f}")
+        parts.append(f"dev BLEU-4 {bleu4:.1f} (greedy)")
     return " · ".join(parts)
 
 
