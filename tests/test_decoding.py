@@ -71,12 +71,12 @@ def test_beam_scores_are_true_log_probabilities(decoder, features):
 
 
 def test_a_wide_enough_beam_is_exhaustive_search():
-    """With 3 words and at most 2 of them, 40 beams never prune: the result is the global best."""
+    """With 3 words and at most 2 of them, 40 beams never prune: the result is the most likely caption."""
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "x", "y", "z"])
     keras.utils.set_random_seed(5)
     decoder = Decoder(ShowAndTell(len(vocab), 8, embed_dim=4, units=8, dropout=0.0), vocab)
     features = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32) * 3
-    found = decoder(features, DecodeOptions("beam", beam_size=40, max_len=2))
+    found = decoder(features, DecodeOptions("beam", beam_size=40, max_len=2, length_penalty=0.0))  # rank by log-prob
     candidates = [[], *[[a] for a in (4, 5, 6)], *[[a, b] for a in (4, 5, 6) for b in (4, 5, 6)]]
     for f, hyps in zip(features, found):
         def score(ids):  # a 2-word caption is cut at the limit: its <end> costs nothing
