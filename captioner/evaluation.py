@@ -99,7 +99,8 @@ def evaluate(captioner, dataset, split: str = "dev", options=None, limit: int | 
         "images": len(ids),
         "skipped_images": [str(f) for f in failures],
         "decoding": {"method": options.method, "beam_size": options.beam_size if options.method == "beam" else 1,
-                     "length_penalty": options.length_penalty, "max_len": options.max_len},
+                     "length_penalty": options.length_penalty if options.method == "beam" else 0.0,
+                     "max_len": options.max_len},
         "encoder": captioner.encoder.describe(),
         "scores": {k: round(v, 2) for k, v in scores.items()},
     }

@@ -77,30 +77,30 @@ def test_feature_size_mismatch(bundle_dir):
         load_bundle(bundle_dir)
 
 
-def test_lambda_layer_is_refused_unread(bundle_dir, tmp_path):
-    # A Keras file whose config smuggles in a Lambda layer (the classic code-execution vector).
+def edit_model_file(bundle_dir, edit) -> None:
+    """Rewrite decoder.keras with `edit` applied to the model config inside it."""
     with zipfile.ZipFile(bundle_dir / "decoder.keras") as z:
         files = {n: z.read(n) for n in z.namelist()}
     config = json.loads(files["config.json"])
-    config["config"]["extra"] = {"module": "keras.layers", "class_name": "Lambda",
-                                 "config": {"function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
+    edit(config["config"])
     files["config.json"] = json.dumps(config).encode()
     with zipfile.ZipFile(bundle_dir / "decoder.keras", "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
+
+
+def test_lambda_layer_is_refused_unread(bundle_dir):
+    # A Keras file whose config smuggles in a Lambda layer (the classic code-execution vector).
+    lambda_layer = {"module": "keras.layers", "class_name": "Lambda",
+                    "config": {"function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
+    edit_model_file(bundle_dir, lambda config: config.update(extra=lambda_layer))
     with pytest.raises(BundleError, match="Lambda"):
         load_bundle(bundle_dir)
 
 
 def test_foreign_class_is_refused(bundle_dir):
-    with zipfile.ZipFile(bundle_dir / "decoder.keras") as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    config = json.loads(files["config.json"])
-    config["config"]["dtype"] = {"module": "os", "class_name": "system", "config": {}}
-    files["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(bundle_dir / "decoder.keras", "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+    edit_model_file(bundle_dir, lambda config: config.update(dtype={"module": "os", "class_name": "system",
+                                                                    "config": {}}))
     with pytest.raises(BundleError, match="os.system"):
         load_bundle(bundle_dir)
 
