@@ -2,16 +2,18 @@
 
     streamlit run app.py                                  # the shipped model
     CAPTIONER_MODEL=runs/x/model streamlit run app.py     # any trained bundle
+    CAPTIONER_APP_MODELS="flickr8k=/srv/models/f8k,shapes=/srv/models/shapes" streamlit run app.py
+
+By default the sidebar has a box for any model folder on this machine: right for local use.
+A deployer sets `CAPTIONER_APP_MODELS` (name=folder pairs, comma-separated): visitors then pick
+one of those names and can name no folder of the server.
 
 Thin by design: every photo goes through `Captioner`; this file only lays out widgets and results.
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
-import math
 import os
 import re
 import tempfile
@@ -21,17 +23,16 @@ from pathlib import Path
 
 import streamlit as st
 
+from captioner import paths
 from captioner.bundle import CONFIG, BundleError
-from captioner.captioner import Captioner, CaptionResult, default_model_path
-from captioner.cli import OUTPUT_FIELDS
-from captioner.decoding import METHODS
+from captioner.captioner import Captioner, CaptionResult
+from captioner.decoding import METHODS, DecodeOptions
 from captioner.encoder import EncoderError
-from captioner.images import IMAGE_SUFFIXES
+from captioner.output import results_csv, results_json
 
 Photo = tuple[str, bytes]  # (file name shown to the user, file content)
 
-# Browsers cannot display TIFF, so the uploader offers every other format the loader reads.
-UPLOAD_TYPES = sorted(s.lstrip(".") for s in IMAGE_SUFFIXES - {".tif", ".tiff"})
+ICON = Path(__file__).parent / "data" / "app-icon.png"  # a local file: the page fetches nothing from outside
 METHOD_LABELS = {"beam": "Beam search", "greedy": "Greedy", "sample": "Sampling"}
 BATCH_SIZE = 8  # photos per encoder pass: small enough for the progress bar to move
 COLUMNS = 3
@@ -47,8 +48,8 @@ def slug(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
 
 
+# The example photos shipped in data/examples (see its README for their sources).
 EXAMPLES = {p.stem.capitalize(): p for p in sorted((Path(__file__).parent / "data" / "examples").glob("*.jpg"))}
-"""The example photos shipped in data/examples (see its README for their sources)."""
 
 
 @st.cache_data(show_spinner=False)
@@ -57,9 +58,10 @@ def example_photo(name: str) -> bytes:
     return EXAMPLES[name].read_bytes()
 
 
-def resolve_model_dir(text: str) -> Path:
-    """The bundle directory typed in the sidebar, or the default one (`$CAPTIONER_MODEL` or shipped)."""
-    return Path(text.strip()).expanduser().resolve() if text.strip() else default_model_path().resolve()
+def named_models() -> dict[str, Path]:
+    """The deployer's `CAPTIONER_APP_MODELS` ("name=folder,name=folder"), or {} when unset."""
+    pairs = [item.partition("=") for item in os.environ.get("CAPTIONER_APP_MODELS", "").split(",") if item.strip()]
+    return {name.strip(): Path(folder.strip()) for name, _, folder in pairs if name.strip() and folder.strip()}
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)
@@ -79,7 +81,7 @@ def bundle_version(model_dir: Path) -> float:
         return 0.0  # let Captioner.load word the problem
 
 
-def caption_photos(captioner: Captioner, photos: Sequence[Photo], settings: dict,
+def caption_photos(captioner: Captioner, photos: Sequence[Photo], options: DecodeOptions,
                    on_progress: Callable[[int, int], None] | None = None) -> list[CaptionResult]:
     """Caption uploaded files; one result per photo, in order, named as the user named it.
 
@@ -93,57 +95,32 @@ def caption_photos(captioner: Captioner, photos: Sequence[Photo], settings: dict
             path = Path(tmp) / f"{i:05d}"  # the user's name may hold anything; Pillow reads the content
             path.write_bytes(data)
             paths.append(str(path))
-        for result in captioner.iter_captions(paths, batch_size=BATCH_SIZE, **settings):
+        for result in captioner.iter_captions(paths, options, batch_size=BATCH_SIZE):
             results.append(replace(result, source=photos[len(results)][0]))
             if on_progress:
                 on_progress(len(results), len(photos))
     return results
 
 
-def decode_settings(method: str, beam_size: int, max_len: int, temperature: float, seed: int) -> dict:
-    """`Captioner` options for the sidebar's choices; only those the method uses, so changing a
+def decode_settings(defaults: DecodeOptions, method: str, beam_size: int, max_len: int, temperature: float,
+                    seed: int) -> DecodeOptions:
+    """The sidebar's choices over the model's defaults; only those the method uses, so changing a
     disabled control re-captions nothing."""
-    settings: dict = {"method": method, "max_len": max_len}
+    options = replace(defaults, method=method, max_len=max_len, num_results=1)
     if method == "beam":
-        settings.update(beam_size=beam_size, num_results=beam_size)
-    elif method == "sample":
-        settings.update(temperature=temperature, seed=seed)
-    return settings
+        return replace(options, beam_size=beam_size, num_results=beam_size)
+    if method == "sample":
+        return replace(options, temperature=temperature, seed=seed)
+    return options
 
 
-def describe_settings(settings: dict) -> str:
+def describe_settings(options: DecodeOptions) -> str:
     """How the captions were decoded, in words."""
-    if settings["method"] == "beam":
-        return f"beam search, width {settings['beam_size']}"
-    if settings["method"] == "sample":
-        return f"sampled at temperature {settings['temperature']:g}, seed {settings['seed']}"
+    if options.method == "beam":
+        return f"beam search, width {options.beam_size}"
+    if options.method == "sample":
+        return f"sampled at temperature {options.temperature:g}, seed {options.seed}"
     return "greedy"
-
-
-def results_csv(results: Sequence[CaptionResult]) -> str:
-    """One row per photo, in the columns `captioner caption -o x.csv` writes."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(OUTPUT_FIELDS)
-    for r in results:
-        log_prob = "" if r.log_prob is None else round(r.log_prob, 4)
-        writer.writerow([r.source, r.caption or "", log_prob, r.error or ""])
-    return buffer.getvalue()
-
-
-def results_json(results: Sequence[CaptionResult], model: str, settings: dict) -> str:
-    """Every caption with its beams, plus the model and settings that produced them."""
-    rows = [
-        {
-            "image": r.source,
-            "caption": r.caption,
-            "log_prob": None if r.log_prob is None else round(r.log_prob, 4),
-            "beams": [{"caption": text, "log_prob": round(lp, 4)} for text, lp in r.beams],
-            "error": r.error,
-        }
-        for r in results
-    ]
-    return json.dumps({"model": model, "settings": settings, "captions": rows}, indent=2, ensure_ascii=False)
 
 
 def sentence(caption: str) -> str:
@@ -151,10 +128,12 @@ def sentence(caption: str) -> str:
     return caption[:1].upper() + caption[1:] + "."
 
 
-def show_missing_model(error: Exception, typed: bool) -> None:
-    """What to do when there is no model, instead of a traceback; `typed`: the user named the folder."""
-    if typed:
-        st.error(f"Could not load that model bundle. {error}", icon=":material/folder_off:")
+def show_missing_model(error: Exception | None) -> None:
+    """What to do when there is no model, instead of a traceback. `error` is None for a folder a
+    visitor chose: what went wrong there is not shown, so the page tells nothing about the server."""
+    if error is None:
+        st.error("No model bundle could be loaded from that folder. Check it on the command line "
+                 "(`captioner caption --model FOLDER photo.jpg` says why).", icon=":material/folder_off:")
     else:
         st.warning(f"No caption model could be loaded. {error}", icon=":material/explore:")
     st.markdown(
@@ -163,9 +142,9 @@ def show_missing_model(error: Exception, typed: bool) -> None:
         "Flickr8k (see the README; hours on a CPU):"
     )
     st.code(
-        "python -m captioner make-shapes data/shapes\n"
+        "captioner make-shapes data/shapes\n"
         "captioner train --data data/shapes --output runs/x --preset tiny --encoder tiny\n\n"
-        "captioner train --data path/to/Flickr8k --output runs/flickr8k",
+        "captioner train --data data/flickr8k --output runs/flickr8k",
         language="bash",
     )
     st.markdown(
@@ -186,9 +165,9 @@ def model_summary(captioner: Captioner) -> str:
     return " · ".join(parts)
 
 
-def sidebar_settings(captioner: Captioner) -> dict:
+def sidebar_settings(captioner: Captioner) -> DecodeOptions:
     """The decoding controls, starting from the bundle's own defaults."""
-    defaults = captioner.options()
+    defaults = captioner.options
     st.markdown("##### Decoding")
     method = st.radio("Method", METHODS, index=METHODS.index(defaults.method), format_func=METHOD_LABELS.get,
                       key="method",
@@ -201,7 +180,7 @@ def sidebar_settings(captioner: Captioner) -> dict:
                             disabled=method != "sample", help="Below 1: safer words; above 1: wilder ones.")
     seed = st.number_input("Seed", 0, 2**31 - 1, 0, key="seed", disabled=method != "sample",
                            help="Same seed, same sample; change it for another.")
-    return decode_settings(method, beam_size, max_len, temperature, int(seed))
+    return decode_settings(defaults, method, beam_size, max_len, temperature, int(seed))
 
 
 def chosen_photos(uploads: Sequence) -> list[Photo]:
@@ -216,21 +195,22 @@ def chosen_photos(uploads: Sequence) -> list[Photo]:
     return photos
 
 
-def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo], settings: dict) -> list[CaptionResult]:
+def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo],
+                 options: DecodeOptions) -> list[CaptionResult]:
     """Results for `photos`, captioning only those not yet done with these settings.
 
     Streamlit reruns the page on every click; remembering results per (settings, content) keeps
     ticking an example from re-decoding the rest. A settings change re-decodes every photo, and
     Captioner's feature cache spares the encoder.
     """
-    settings_id = json.dumps([model_key, settings], sort_keys=True)
+    settings_id = json.dumps([model_key, options.to_dict()], sort_keys=True)
     keys = [(settings_id, hashlib.sha256(data).hexdigest()) for _, data in photos]
     memo: dict = st.session_state.get("captions", {})
     todo = [i for i, key in enumerate(keys) if key not in memo]
     if todo:
         bar = st.progress(0.0, text=f"Captioning {len(todo)} photo{'s' * (len(todo) > 1)}…")
         done = caption_photos(
-            captioner, [photos[i] for i in todo], settings,
+            captioner, [photos[i] for i in todo], options,
             lambda n, total: bar.progress(n / total, text=f"Captioned {n} of {total}…"),
         )
         memo.update(zip((keys[i] for i in todo), done))
@@ -239,7 +219,7 @@ def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo], 
     return [replace(memo[key], source=name) for key, (name, _) in zip(keys, photos)]
 
 
-def show_result(photo: Photo, result: CaptionResult, settings: dict) -> None:
+def show_result(photo: Photo, result: CaptionResult, options: DecodeOptions) -> None:
     """One photo's card: the picture, its caption in large type, the beams on request; or its error."""
     name, data = photo
     if not result.ok:
@@ -247,19 +227,39 @@ def show_result(photo: Photo, result: CaptionResult, settings: dict) -> None:
         return
     st.image(data, width="stretch")
     st.subheader(sentence(result.caption), anchor=False)
-    st.caption(f"{name} · {describe_settings(settings)} · log-prob {result.log_prob:.2f}")
+    best = result.beams[0]
+    st.caption(f"{name} · {describe_settings(options)} · {best.word_probability:.0%} per word",
+               help=PER_WORD_HELP)
     if len(result.beams) > 1:
         with st.expander(f"Top {len(result.beams)} beams"):
-            st.markdown("\n".join(beam_line(rank, text, lp) for rank, (text, lp) in enumerate(result.beams, 1)))
+            st.markdown("\n".join(beam_line(rank, beam) for rank, beam in enumerate(result.beams, 1)))
+            st.caption(PER_WORD_HELP)
 
 
-def beam_line(rank: int, text: str, log_prob: float) -> str:
-    """One markdown list line: the sentence, then its log-probability and probability in grey."""
-    return f"{rank}. {text} :gray[· log-prob {log_prob:.2f} · p {math.exp(log_prob):.0%}]"
+PER_WORD_HELP = ("How sure the model was, per word: the geometric mean of the probabilities it gave each "
+                 "word of the sentence (and its end). Beams are ranked by log-probability over length^α.")
+
+
+def beam_line(rank: int, beam) -> str:
+    """One markdown list line: the sentence, then how sure the model was of its words, in grey."""
+    return f"{rank}. {beam.caption} :gray[· {beam.word_probability:.0%} per word · log-prob {beam.log_prob:.2f}]"
+
+
+def choose_model() -> tuple[Path, bool]:
+    """The bundle folder to load, and whether a visitor chose it (then errors say nothing about it)."""
+    named = named_models()
+    if named:  # deployed: the visitor picks a name and never sees or types a path
+        name = st.sidebar.selectbox("Model", list(named), key="model_name")
+        return named[name], True
+    default = "$CAPTIONER_MODEL" if os.environ.get("CAPTIONER_MODEL") else "the shipped model"
+    typed = st.sidebar.text_input("Model bundle", key="model_dir", placeholder=f"default: {default}",
+                                  help="A folder written by `captioner train` (e.g. `runs/x/model`). "
+                                  "Empty: the shipped model, or `$CAPTIONER_MODEL` if set.").strip()
+    return (Path(typed) if typed else paths.default_model()), bool(typed)
 
 
 def main() -> None:
-    st.set_page_config(page_title="Captioner", page_icon=":material/photo_camera:", layout="wide")
+    st.set_page_config(page_title="Captioner", page_icon=str(ICON), layout="wide")
     st.markdown(STYLE, unsafe_allow_html=True)
     st.title(":material/photo_camera: Captioner", anchor=False)
     st.markdown(
@@ -269,43 +269,41 @@ def main() -> None:
     )
 
     st.sidebar.header(":material/tune: Settings", anchor=False)
-    default = "$CAPTIONER_MODEL" if os.environ.get("CAPTIONER_MODEL") else "the shipped model"
-    typed = st.sidebar.text_input("Model bundle", key="model_dir", placeholder=f"default: {default}",
-                                  help="A folder written by `captioner train` (e.g. `runs/x/model`). "
-                                  "Empty: the shipped model, or `$CAPTIONER_MODEL` if set.")
-    model_dir = resolve_model_dir(typed)
-    model_key = f"{model_dir}@{bundle_version(model_dir)}"
+    model_dir, typed = choose_model()
+    model_key = f"{model_dir.absolute()}@{bundle_version(model_dir)}"
     try:
         captioner = load_captioner(str(model_dir), bundle_version(model_dir))
-    except (BundleError, EncoderError) as e:
-        show_missing_model(e, typed=bool(typed.strip()))
+    except (BundleError, EncoderError, OSError) as e:
+        show_missing_model(None if typed else e)
         return
     with st.sidebar:
         st.caption(model_summary(captioner))
-        settings = sidebar_settings(captioner)
+        options = sidebar_settings(captioner)
 
-    uploads = st.file_uploader("Your photos", type=UPLOAD_TYPES, accept_multiple_files=True, key="uploads",
-                               help="Several at once is fine. Animated GIFs are captioned by their first frame.")
+    uploads = st.file_uploader("Your photos", accept_multiple_files=True, key="uploads",
+                               help="JPEG, PNG, WebP, BMP, GIF or TIFF; several at once is fine. Animated GIFs "
+                               "are captioned by their first frame.")
     photos = chosen_photos(uploads or [])
     if not photos:
         st.info("Add a photo above, or tick an example, to see its caption.", icon=":material/arrow_upward:")
         return
 
-    results = captions_for(captioner, model_key, photos, settings)
+    results = captions_for(captioner, model_key, photos, options)
     failed = sum(not r.ok for r in results)
     summary, csv_column, json_column = st.columns([4, 1, 1], vertical_alignment="center")
     summary.markdown(f"**{len(results) - failed} of {len(results)} photo{'s' * (len(results) > 1)} captioned**"
                      + (f" · {failed} could not be read" if failed else ""))
-    csv_column.download_button("CSV", results_csv(results), "captions.csv", "text/csv", on_click="ignore",
-                               icon=":material/download:", width="stretch")
-    json_column.download_button("JSON", results_json(results, str(model_dir), settings), "captions.json",
+    csv_column.download_button("CSV", results_csv(results, options.num_results), "captions.csv", "text/csv",
+                               on_click="ignore", icon=":material/download:", width="stretch")
+    about = {"model": model_dir.name, "settings": options.to_dict()}
+    json_column.download_button("JSON", results_json(results, options.num_results, **about), "captions.json",
                                 "application/json", on_click="ignore", icon=":material/download:", width="stretch")
     for start in range(0, len(photos), COLUMNS):
         for offset, column in enumerate(st.columns(COLUMNS)):
             i = start + offset
             if i < len(photos):
                 with column.container(border=True, key=f"result-{i}"):
-                    show_result(photos[i], results[i], settings)
+                    show_result(photos[i], results[i], options)
 
 
 if __name__ == "__main__":  # `streamlit run` executes the page as __main__; tests import the helpers

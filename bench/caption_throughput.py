@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--phases", default="cli,latency,baseline", help="which of cli, latency, baseline to run")
     p.add_argument("--model", metavar="DIR", help="model bundle (default: the shipped model)")
     p.add_argument("--photos", choices=("auto", "flickr8k", "generated"), default="auto",
-                   help="Flickr8k photos from ../shared/flickr8k when present (auto), or generated JPEGs")
+                   help="Flickr8k photos from $CAPTIONER_DATA or data/flickr8k when present (auto), or generated JPEGs")
     p.add_argument("--workdir", metavar="DIR", help="where CSVs and generated photos go (default: a temp dir)")
     p.add_argument("--output", metavar="FILE", help="result JSON (default bench/results/caption_throughput.json)")
     return p.parse_args(argv)
@@ -116,9 +116,10 @@ def main(argv=None) -> int:
     if "baseline" in phases and 1 not in beams:
         raise SystemExit("the baseline is checked against the beam-1 CLI run: include 1 in --beams")
 
-    from captioner.captioner import Captioner, default_model_path
+    from captioner import paths
+    from captioner.captioner import Captioner
 
-    model = str(args.model or default_model_path())
+    model = str(args.model or paths.default_model())
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"{model}: no model bundle; pass --model DIR (see bench/README.md)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_caption_"))
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
         times = warm_latency(captioner, photos[-(args.latency_photos + 3):])
         result["latency"] = {"calls": len(times), "median_ms": 1000 * median(times),
                              "p90_ms": 1000 * percentile(times, 90), "max_ms": 1000 * max(times),
-                             "options": vars(captioner.options())}
+                             "options": captioner.options.to_dict()}
         rows.append({"what": "Captioner.caption(path), warm", "images": len(times),
                      "seconds": sum(times), "images/s": len(times) / sum(times),
                      "median ms": 1000 * median(times), "p90 ms": 1000 * percentile(times, 90)})
@@ -171,9 +172,9 @@ def main(argv=None) -> int:
         bundle, encoder = captioner.bundle, captioner.encoder
         reference = cli_runs[1]["captions"] if 1 in cli_runs else {
             r.source: r.caption for r in captioner.caption([str(p) for p in subset], method="greedy")}
-        tutorial_caption(photos[-1], encoder, bundle.model, bundle.vocab, bundle.max_len)  # traces predict
+        tutorial_caption(photos[-1], encoder, bundle.model, bundle.vocab, bundle.decoding.max_len)  # traces predict
         cpu = cpu_seconds()
-        seconds, captions = timed(lambda: [tutorial_caption(p, encoder, bundle.model, bundle.vocab, bundle.max_len)
+        seconds, captions = timed(lambda: [tutorial_caption(p, encoder, bundle.model, bundle.vocab, bundle.decoding.max_len)
                                            for p in subset])
         cpu = cpu_seconds() - cpu
         mismatches = [(str(p), ours, theirs) for p, theirs in zip(subset, captions)

@@ -19,11 +19,14 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO / "bench" / "results"
-FLICKR8K_IMAGES = REPO.parent / "shared" / "flickr8k" / "Flicker8k_Dataset"
 
 if str(REPO) not in sys.path:  # `python bench/X.py` from a clean clone, without `pip install -e .`
     sys.path.insert(0, str(REPO))
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from captioner import paths  # noqa: E402 - after the path set-up above
+
+FLICKR8K_IMAGES = paths.default_data() / "Flicker8k_Dataset"  # $CAPTIONER_DATA or data/flickr8k
 
 
 def _cpu_model() -> str:
@@ -158,7 +161,7 @@ def cpu_seconds() -> float:
 
 def test_photos(n: int, workdir: str | Path, source: str = "auto", seed: int = 0) -> tuple[list[Path], str]:
     """`n` JPEG photos on disk and what they are: Flickr8k's (sorted by name) when
-    `../shared/flickr8k` is there and `source` is "auto" or "flickr8k", else generated ones.
+    Flickr8k (`$CAPTIONER_DATA` or data/flickr8k) is there and `source` is "auto" or "flickr8k", else generated ones.
 
     Generated photos are 500x375 JPEGs (Flickr8k's typical size) of coloured shapes with
     sensor-like noise, so decoding costs about what a real photo's does.

@@ -52,6 +52,7 @@ def tiny_captioner():
     the maximum length, which makes each request heavier than a trained model's)."""
     from captioner.bundle import Bundle
     from captioner.captioner import Captioner
+    from captioner.decoding import DecodeOptions
     from captioner.encoder import ImageEncoder
     from captioner.synthetic import WORDS
     from captioner.text import SPECIAL_TOKENS, Vocabulary
@@ -61,7 +62,7 @@ def tiny_captioner():
     encoder = ImageEncoder("tiny")
     vocab = Vocabulary([*SPECIAL_TOKENS, *sorted(WORDS)])
     bundle = Bundle(build_model(config, len(vocab), encoder.feature_dim), vocab, encoder.describe(),
-                    max_len=config.max_len)
+                    DecodeOptions(max_len=config.max_len))
     return Captioner(bundle, encoder), "tiny (untrained)"
 
 

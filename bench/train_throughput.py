@@ -4,7 +4,7 @@ The training step is the package's own: `ShowAndTell` at `TrainConfig.preset("de
 sizes, `MaskedCrossEntropy`, Adam with clipping, batches from
 `captioner.training.teacher_forcing_dataset` (length-bucketed), driven by `model.fit`.
 Captions are Flickr8k's train captions through the package's vocabulary (min_count 5) when
-`../shared/flickr8k` is there, else random word ids with Flickr8k-like lengths; the image
+Flickr8k (`$CAPTIONER_DATA` or data/flickr8k) is there, else random word ids with Flickr8k-like lengths; the image
 features are random (their values do not change the arithmetic).
 
 FLOPs per real token (multiply-add = 2), forward: LSTM gates 2*4*(E+U)*U plus the vocabulary

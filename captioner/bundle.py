@@ -1,11 +1,14 @@
 """Model bundles: one directory holding config, vocabulary and decoder, loaded with one call.
 
-    <bundle>/config.json   format version, encoder identity, decoder sizes, decoding defaults
+    <bundle>/config.json   format version, model type, encoder identity, decoder sizes, decoding defaults
     <bundle>/vocab.json    the vocabulary (ids 0..3 are <pad> <start> <end> <unk>)
     <bundle>/decoder.keras the Keras model file (architecture + weights), loaded in safe mode
 
-Bundles may come from strangers, so loading runs no code from them: Keras `safe_mode`,
-no pickle, and a check that the model file names only Keras layers and `ShowAndTell`.
+Bundles may come from strangers, so loading runs no code from them and allocates nothing a
+config asks for before checking it: every field's type and range is checked, file sizes are
+bounded before a byte is read, the model file may name only Keras layers and the decoder's own
+class (never a `Lambda`), Keras loads it in `safe_mode`, no pickle is read, and the weights must
+be finite. Every refusal is a `BundleError` with a one-line reason.
 """
 from __future__ import annotations
 
@@ -15,17 +18,32 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import keras
+import numpy as np
 
-from captioner import __version__
 from captioner.decoding import DecodeOptions
+from captioner.errors import first_line
 from captioner.fileio import atomic_path
 from captioner.model import ShowAndTell
-from captioner.text import Vocabulary
+from captioner.quiet_tensorflow import keras
+from captioner.text import SPECIAL_TOKENS, Vocabulary
+from captioner.version import __version__
 
 FORMAT = "captioner-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the decoding defaults hold max_len; version 1 bundles still load
 CONFIG, VOCAB, DECODER = "config.json", "vocab.json", "decoder.keras"
+
+# The model families a bundle may hold, by the name its config gives.
+MODEL_TYPES: dict[str, type[ShowAndTell]] = {"show-and-tell": ShowAndTell}
+
+# Sizes no real bundle comes near; beyond them a config is an attack or an accident.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_VOCAB_BYTES = 16 << 20
+MAX_VOCAB_WORDS = 200_000
+MAX_DECODER_BYTES = 2 << 30
+MAX_JSON_DEPTH = 32
+DECODER_LIMITS = {"vocab_size": MAX_VOCAB_WORDS, "feature_dim": 16_384, "embed_dim": 4096, "units": 4096,
+                  "num_layers": 8}
+ENCODER_FIELDS = {"name": str, "weights_id": str, "image_size": int, "feature_dim": int}
 
 
 class BundleError(ValueError):
@@ -38,11 +56,13 @@ class Bundle:
 
     model: ShowAndTell
     vocab: Vocabulary
-    encoder: dict            # ImageEncoder.describe(): name, weights_id, image_size, feature_dim
-    max_len: int = 30
-    decoding: dict = field(default_factory=lambda: {k: getattr(DecodeOptions(), k)
-                                                    for k in ("method", "beam_size", "length_penalty")})
+    encoder: dict  # ImageEncoder.describe(): name, weights_id, image_size, feature_dim
+    decoding: DecodeOptions = DecodeOptions()  # the defaults captions are decoded with
     info: dict = field(default_factory=dict)  # training data, metrics, time: for people, not code
+
+    @property
+    def model_type(self) -> str:
+        return next(name for name, cls in MODEL_TYPES.items() if isinstance(self.model, cls))
 
     def save(self, directory: str | Path) -> Path:
         """Write the bundle atomically: readers see the old bundle or the new one, never half."""
@@ -51,16 +71,16 @@ class Bundle:
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "captioner_version": __version__,
+            "model_type": self.model_type,
             "encoder": self.encoder,
-            "decoder": {k: v for k, v in self.model.get_config().items() if k not in ("name", "trainable", "dtype")},
+            "decoder": _decoder_sizes(self.model.get_config()),
             "vocab_size": len(self.vocab),
-            "max_len": self.max_len,
-            "decoding": self.decoding,
+            "decoding": self.decoding.to_dict(),
             "info": self.info,
         }
         with atomic_path(directory) as tmp:
             tmp.mkdir()
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+            (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
             self.vocab.save(tmp / VOCAB)
             # A `.keras` file keeps a compiled model's optimizer state (3x the size) whatever
             # `include_optimizer` says, and a bundle is for inference: save an uncompiled twin.
@@ -73,44 +93,27 @@ class Bundle:
 def load_bundle(directory: str | Path) -> Bundle:
     """Load and validate a bundle; any problem raises `BundleError` with a one-line reason."""
     directory = Path(directory)
-    name = str(directory)
     if not directory.is_dir():
-        raise BundleError(f"{name}: model bundle not found (expected a directory with {CONFIG})")
-    config = _read_config(directory)
-    for key in ("encoder", "vocab_size", "max_len"):
-        if key not in config:
-            raise BundleError(f"{name}: {CONFIG} has no '{key}'")
-    encoder = config["encoder"]
-    if not isinstance(encoder, dict) or not {"name", "weights_id", "image_size", "feature_dim"} <= encoder.keys():
-        raise BundleError(f"{name}: {CONFIG} 'encoder' must give name, weights_id, image_size and feature_dim")
-    try:
-        vocab = Vocabulary.load(_member(directory, VOCAB))
-    except ValueError as e:
-        raise BundleError(f"{name}: {e}") from None
-    try:
-        DecodeOptions(max_len=int(config["max_len"]), **dict(config.get("decoding") or {}))
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{name}: {CONFIG} has invalid decoding settings ({e})") from None
-    model = _load_decoder(_member(directory, DECODER))
+        raise BundleError(f"{directory}: model bundle not found (expected a directory with {CONFIG})")
+    config = _check_config(directory, _read_json(directory, CONFIG, MAX_CONFIG_BYTES))
+    vocab = _read_vocab(directory)
+    model = _load_decoder(_member(directory, DECODER), config)
     problems = []
     if len(vocab) != config["vocab_size"]:
         problems.append(f"vocabulary has {len(vocab)} words but config says {config['vocab_size']}")
     if model.vocab_size != len(vocab):
         problems.append(f"decoder predicts {model.vocab_size} words but the vocabulary has {len(vocab)}")
+    encoder = config["encoder"]
     if model.feature_dim != encoder["feature_dim"]:
-        problems.append(
-            f"decoder expects {model.feature_dim}-d features but encoder {encoder['name']} gives {encoder['feature_dim']}"
-        )
+        problems.append(f"decoder expects {model.feature_dim}-d features but encoder {encoder['name']} "
+                        f"gives {encoder['feature_dim']}")
     if problems:
-        raise BundleError(f"{name}: inconsistent bundle: {'; '.join(problems)}")
-    return Bundle(
-        model=model,
-        vocab=vocab,
-        encoder=encoder,
-        max_len=int(config["max_len"]),
-        decoding=dict(config.get("decoding") or {}),
-        info=dict(config.get("info") or {}),
-    )
+        raise BundleError(f"{directory}: inconsistent bundle: {'; '.join(problems)}")
+    return Bundle(model=model, vocab=vocab, encoder=encoder, decoding=config["decoding"], info=config["info"])
+
+
+def _decoder_sizes(model_config: dict) -> dict:
+    return {k: v for k, v in model_config.items() if k not in ("name", "trainable", "dtype")}
 
 
 def _member(directory: Path, filename: str) -> Path:
@@ -118,30 +121,97 @@ def _member(directory: Path, filename: str) -> Path:
     only ever reads its own fixed file names, never a path taken from its config."""
     path = directory / filename
     if not path.resolve().is_relative_to(directory.resolve()):
-        raise BundleError(f"{path}: points outside the bundle (to {path.resolve()}); refusing to read it")
+        raise BundleError(f"{path}: points outside the bundle; refusing to read it")
     return path
 
 
-def _read_config(directory: Path) -> dict[str, Any]:
-    path = _member(directory, CONFIG)
+def _refuse_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a valid JSON number")
+
+
+def _parse_json(data: bytes, where: Path | str) -> Any:
+    """Strict JSON: no NaN/Infinity, nesting bounded (deep nesting would crash the parser)."""
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        value = json.loads(data, parse_constant=_refuse_constant)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise BundleError(f"{where}: not valid JSON ({first_line(e)[:200]})") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise BundleError(f"{where}: JSON nested more than {MAX_JSON_DEPTH} levels deep")
+    return value
+
+
+def _depth(value: Any, level: int = 1) -> int:
+    if level > MAX_JSON_DEPTH:
+        return level
+    children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+    return max((_depth(child, level + 1) for child in children), default=level)
+
+
+def _read_json(directory: Path, filename: str, max_bytes: int) -> Any:
+    path = _member(directory, filename)
+    try:
+        size = path.stat().st_size
+        if not path.is_file():
+            raise BundleError(f"{path}: not a regular file")
+        if size > max_bytes:
+            raise BundleError(f"{path}: {size:,} bytes, more than a bundle's {filename} ever needs ({max_bytes:,})")
+        data = path.read_bytes()
     except FileNotFoundError:
-        raise BundleError(f"{directory}: not a model bundle (no {CONFIG})") from None
-    except (OSError, ValueError) as e:
-        raise BundleError(f"{path}: unreadable ({e})") from None
+        raise BundleError(f"{directory}: not a model bundle (no {filename})") from None
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
+    return _parse_json(data, path)
+
+
+def _whole(value: Any, low: int, high: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and low <= value <= high
+
+
+def _check_config(directory: Path, config: Any) -> dict:
+    """The config with every field checked and `decoding` as `DecodeOptions`."""
+    where = directory / CONFIG
     if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise BundleError(f"{path}: not a captioner bundle config")
+        raise BundleError(f"{where}: not a captioner bundle config")
     version = config.get("format_version")
-    if version != FORMAT_VERSION:
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
         raise BundleError(
-            f"{directory}: bundle format version {version} is not supported by captioner {__version__} "
+            f"{directory}: bundle format version {version!r} is not supported by captioner {__version__} "
             f"(expects {FORMAT_VERSION}); retrain it or use a matching captioner release"
         )
-    return config
+    if version == 1:  # max_len sat beside the decoding defaults; the model type was implied
+        config = {**config, "model_type": "show-and-tell",
+                  "decoding": {**(config.get("decoding") or {}), "max_len": config.get("max_len")}}
+    model_type = config.get("model_type")
+    if model_type not in MODEL_TYPES:
+        raise BundleError(f"{where}: 'model_type' must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
+    encoder = config.get("encoder")
+    if not isinstance(encoder, dict) or any(not isinstance(encoder.get(k), t) or isinstance(encoder.get(k), bool)
+                                            for k, t in ENCODER_FIELDS.items()):
+        raise BundleError(f"{where}: 'encoder' must give name, weights_id, image_size and feature_dim (text, text, number, number)")
+    if not _whole(encoder["image_size"], 1, 4096) or not _whole(encoder["feature_dim"], 1, DECODER_LIMITS["feature_dim"]):
+        raise BundleError(f"{where}: 'encoder' sizes out of range ({encoder['image_size']}, {encoder['feature_dim']})")
+    if not _whole(config.get("vocab_size"), len(SPECIAL_TOKENS), MAX_VOCAB_WORDS):
+        raise BundleError(f"{where}: 'vocab_size' must be a whole number from 4 to {MAX_VOCAB_WORDS:,}, "
+                          f"got {config.get('vocab_size')!r}")
+    if not isinstance(config.get("info", {}), dict):
+        raise BundleError(f"{where}: 'info' must be an object, got {type(config['info']).__name__}")
+    try:
+        decoding = DecodeOptions.from_dict(config.get("decoding"))
+    except (TypeError, ValueError) as e:
+        raise BundleError(f"{where}: invalid decoding default {first_line(e)}") from None
+    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {})}
 
 
-def _check_classes(node: Any, where: Path) -> None:
+def _read_vocab(directory: Path) -> Vocabulary:
+    path = _member(directory, VOCAB)
+    data = _read_json(directory, VOCAB, MAX_VOCAB_BYTES)
+    try:
+        return Vocabulary.from_json(data)
+    except ValueError as e:
+        raise BundleError(f"{path}: not a valid vocabulary ({first_line(e)})") from None
+
+
+def _check_classes(node: Any, where: Path, allowed: str) -> None:
     """Refuse, before Keras reads it, a model file naming anything but Keras's own classes and
     the decoder and its loss: above all a Lambda layer, which would carry arbitrary code."""
     if isinstance(node, dict):
@@ -150,33 +220,59 @@ def _check_classes(node: Any, where: Path) -> None:
             if cls == "Lambda":
                 raise BundleError(f"{where}: contains a Lambda layer (arbitrary code); refusing to load it")
             trusted = module == "keras" or module.startswith("keras.") or (
-                module == "captioner.model" and cls in ("ShowAndTell", "MaskedCrossEntropy")
+                module == "captioner.model" and cls in (allowed, "MaskedCrossEntropy")
             )
             if not trusted:
                 raise BundleError(f"{where}: refers to {module or '?'}.{cls}, which a captioner bundle never contains")
         for value in node.values():
-            _check_classes(value, where)
+            _check_classes(value, where, allowed)
     elif isinstance(node, list):
         for value in node:
-            _check_classes(value, where)
+            _check_classes(value, where, allowed)
 
 
-def _load_decoder(path: Path) -> ShowAndTell:
+def _check_decoder_config(model_config: Any, path: Path, model_cls: type[ShowAndTell]) -> None:
+    if not isinstance(model_config, dict) or model_config.get("class_name") != model_cls.__name__:
+        found = model_config.get("class_name") if isinstance(model_config, dict) else type(model_config).__name__
+        raise BundleError(f"{path}: holds a {found!r} model, not a {model_cls.__name__} decoder")
+    _check_classes(model_config, path, model_cls.__name__)
+    sizes = model_config.get("config")
+    if not isinstance(sizes, dict):
+        raise BundleError(f"{path}: the decoder's config must be an object")
+    for name, high in DECODER_LIMITS.items():
+        if not _whole(sizes.get(name), 1, high):
+            raise BundleError(f"{path}: decoder '{name}' must be a whole number from 1 to {high:,}, "
+                              f"got {sizes.get(name)!r}")
+    dropout = sizes.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise BundleError(f"{path}: decoder 'dropout' must be a number from 0 to 1, got {dropout!r}")
+
+
+def _load_decoder(path: Path, config: dict) -> ShowAndTell:
+    model_cls = MODEL_TYPES[config["model_type"]]
     try:
+        if path.stat().st_size > MAX_DECODER_BYTES:
+            raise BundleError(f"{path}: larger than any decoder ({MAX_DECODER_BYTES:,} bytes)")
         with zipfile.ZipFile(path) as archive:
-            model_config = json.loads(archive.read("config.json"))
+            # The sizes a zip declares bound what reading it can unpack.
+            unpacked = sum(info.file_size for info in archive.infolist())
+            if unpacked > MAX_DECODER_BYTES or archive.getinfo("config.json").file_size > MAX_CONFIG_BYTES:
+                raise BundleError(f"{path}: unpacks to {unpacked:,} bytes, more than any decoder")
+            model_config = _parse_json(archive.read("config.json"), f"{path}:config.json")
     except FileNotFoundError:
         raise BundleError(f"{path}: decoder file missing") from None
     except (OSError, KeyError, ValueError, zipfile.BadZipFile) as e:
-        raise BundleError(f"{path}: not a readable Keras model file ({e})") from None
-    if model_config.get("class_name") != "ShowAndTell":
-        raise BundleError(f"{path}: holds a {model_config.get('class_name')!r} model, not a ShowAndTell decoder")
-    _check_classes(model_config, path)
+        if isinstance(e, BundleError):
+            raise
+        raise BundleError(f"{path}: not a readable Keras model file ({first_line(e)})") from None
+    _check_decoder_config(model_config, path, model_cls)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for bad files; all mean "refused"
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise BundleError(f"{path}: the decoder does not load ({reason[:300]})") from None
-    if not isinstance(model, ShowAndTell):
-        raise BundleError(f"{path}: not a ShowAndTell decoder")
+        raise BundleError(f"{path}: the decoder does not load ({first_line(e)[:300]})") from None
+    if not isinstance(model, model_cls):
+        raise BundleError(f"{path}: not a {model_cls.__name__} decoder")
+    if not all(np.isfinite(w).all() for w in model.get_weights()):
+        raise BundleError(f"{path}: the decoder's weights are not all finite numbers (NaN or infinity)")
     return model
+

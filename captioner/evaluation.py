@@ -12,9 +12,9 @@ import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-import numpy as np
 from nltk.translate.bleu_score import corpus_bleu
 
+from captioner.decoding import DecodeOptions, caption_texts
 from captioner.fileio import atomic_write_text
 from captioner.text import tokenize
 
@@ -72,35 +72,34 @@ def coco_scores(
     return out
 
 
-def evaluate(captioner, dataset, split: str = "dev", options=None, limit: int | None = None,
-             coco: bool = True, output: str | Path | None = None, progress: bool = True) -> dict:
+def evaluate(captioner, dataset, split: str = "dev", options: DecodeOptions | None = None,
+             limit: int | None = None, coco: bool = True, output: str | Path | None = None,
+             progress: bool = True) -> dict:
     """Caption a split free-running and score it against every reference of each image.
 
-    Returns a report (split, decoding settings, scores); with `output`, also writes
-    `report.json` and `per_image.jsonl` (hypothesis and references per image) there.
+    `options` default to the model's own. Returns a report (split, decoding settings, scores);
+    with `output`, also writes `report.json` and `per_image.jsonl` (hypothesis and references
+    per image) there.
     """
-    from captioner.features import extract_features
+    from captioner.features import encode_photos
 
-    options = options or captioner.options()
+    options = options or captioner.options
     ids = dataset.subset(split).splits[split][:limit]
-    features, failures = extract_features([dataset.images[i] for i in ids], captioner.encoder, captioner.cache,
-                                          progress=progress, description=f"Encoding {split} photos")
-    ok = ~np.isnan(features).any(axis=1)
-    ids, features = [i for i, good in zip(ids, ok) if good], features[ok]
-    hyps: list[str] = []
-    for start in range(0, len(ids), 256):
-        hyps += [captioner.bundle.vocab.decode(h[0].ids) for h in captioner.decode_features(features[start : start + 256], options)]
+    ids, features, failures = encode_photos(dataset.images, ids, captioner.encoder, captioner.cache,
+                                            progress=progress, description=f"Encoding {split} photos")
+    hyps = caption_texts(captioner.step_model, captioner.bundle.vocab, features, options)
     refs = [dataset.captions[i] for i in ids]
     scores = bleu_scores(refs, hyps)
     if coco:
         scores.update(coco_scores(dict(zip(ids, refs)), dict(zip(ids, hyps))))
+    beam = options.method == "beam"
     report = {
         "split": split,
         "images": len(ids),
         "skipped_images": [str(f) for f in failures],
-        "decoding": {"method": options.method, "beam_size": options.beam_size if options.method == "beam" else 1,
-                     "length_penalty": options.length_penalty if options.method == "beam" else 0.0,
-                     "max_len": options.max_len},
+        # what decided these captions: greedy and sampling have no beam and no length penalty
+        "decoding": {**options.to_dict(), "beam_size": options.beam_size if beam else 1,
+                     "length_penalty": options.length_penalty if beam else 0.0},
         "encoder": captioner.encoder.describe(),
         "scores": {k: round(v, 2) for k, v in scores.items()},
     }

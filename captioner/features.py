@@ -6,23 +6,23 @@ photos encodes nothing, and a renamed or moved photo is still found.
 from __future__ import annotations
 
 import hashlib
-import os
+import logging
 import stat
 import threading
 import zipfile
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import tensorflow as tf
 from PIL import Image
 
-from captioner.fileio import atomic_save
+from captioner.fileio import atomic_save, sha256_file
 from captioner.images import ImageError, ImageSource, describe_source, load_image
+from captioner.quiet_tensorflow import tf
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("CAPTIONER_HOME", Path.home() / ".cache" / "captioner")) / "features"
+log = logging.getLogger(__name__)
 
 
 def content_key(source: ImageSource) -> str:
@@ -34,20 +34,17 @@ def content_key(source: ImageSource) -> str:
     elif isinstance(source, Image.Image):
         h.update(f"{source.size}{source.mode}".encode())
         h.update(source.tobytes())
-    else:
-        if not stat.S_ISREG(os.stat(source).st_mode):  # a FIFO or device would block or never end
-            raise OSError(f"{source}: not a regular file")
-        with open(source, "rb") as f:  # OSError is reported by the caller as an ImageError
-            for chunk in iter(lambda: f.read(1 << 20), b""):
-                h.update(chunk)
+    else:  # OSError (including "not a regular file") is reported by the caller as an ImageError
+        return sha256_file(source)[:40]
     return h.hexdigest()[:40]
 
 
 class FeatureCache:
     """Features of one encoder, in memory (bounded LRU) and optionally on disk (one .npy each).
 
-    Disk entries are written atomically; an entry that is unreadable, of the wrong shape or
-    not finite is treated as missing (and recomputed by the caller).
+    Disk entries are written atomically; an entry that is unreadable, of the wrong shape, not
+    finite or not a regular file is treated as missing (and recomputed by the caller). The cache is
+    a help, never a requirement: an entry that cannot be written is only logged.
     """
 
     def __init__(self, encoder_identity: dict, directory: str | Path | None = None, memory_items: int = 4096):
@@ -70,8 +67,11 @@ class FeatureCache:
                 return self._memory[key]
         if self.directory is None:
             return None
+        path = self._path(key)
         try:
-            vector = np.load(self._path(key), allow_pickle=False)
+            if not stat.S_ISREG(path.stat().st_mode):  # a planted FIFO would block np.load forever
+                return None
+            vector = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError, zipfile.BadZipFile):
             return None
         if (
@@ -86,7 +86,10 @@ class FeatureCache:
         vector = np.asarray(vector, np.float32)
         self._remember(key, vector)
         if self.directory is not None:
-            atomic_save(self._path(key), lambda p: np.save(p, vector, allow_pickle=False), suffix=".npy")
+            try:
+                atomic_save(self._path(key), lambda p: np.save(p, vector, allow_pickle=False), suffix=".npy")
+            except OSError as e:  # e.g. a directory in the entry's place, or a full disk
+                log.warning("feature cache: could not write %s (%s)", self._path(key), e.strerror or e)
 
     def _remember(self, key: str, vector: np.ndarray) -> None:
         with self._lock:
@@ -184,3 +187,15 @@ def extract_features(
             failures.extend(e for _, e in batch.errors)
             bar.update(len(batch.indices) + len(batch.errors))
     return out, failures
+
+
+def encode_photos(
+    images: Mapping[str, Path], ids: Sequence[str], encoder, cache: FeatureCache | None = None,
+    progress: bool = True, description: str = "Encoding photos",
+) -> tuple[list[str], np.ndarray, list[ImageError]]:
+    """Features of a dataset's photos `ids`: the ids that could be encoded, their features [N, D]
+    in that order, and the failures (training and evaluation skip those photos)."""
+    features, failures = extract_features([images[i] for i in ids], encoder, cache,
+                                          progress=progress, description=description)
+    ok = ~np.isnan(features).any(axis=1)
+    return [i for i, good in zip(ids, ok) if good], features[ok], failures

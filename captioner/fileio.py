@@ -1,11 +1,15 @@
-"""Atomic file writes: a reader (or a rerun after a crash) never sees half a file."""
+"""File helpers: atomic writes (a reader, or a rerun after a crash, never sees half a file) and
+content hashes."""
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 
 
@@ -66,3 +70,23 @@ def atomic_save(path: str | Path, save: Callable[[Path], None], suffix: str = ""
         finally:
             if suffix and target.exists():
                 target.unlink()
+
+
+def sha256_file(path: str | Path) -> str:
+    """The hex SHA-256 of a regular file's bytes (remembered while its size and time stamp stay
+    the same); OSError for anything else, since reading a FIFO or a device could block forever."""
+    path = Path(path).resolve()
+    info = path.stat()
+    if not stat.S_ISREG(info.st_mode):
+        raise OSError(f"{path}: not a regular file")
+    return _sha256(path, info.st_size, info.st_mtime_ns)
+
+
+@lru_cache(maxsize=64)
+def _sha256(path: Path, size: int, mtime_ns: int) -> str:
+    # size and mtime are part of the key so that a replaced file is hashed again
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,10 +1,11 @@
 """The Show-and-Tell decoder: an image feature initialises the state of an LSTM over words."""
 from __future__ import annotations
 
-import keras
-from keras import layers, ops
+from captioner.quiet_tensorflow import keras
 
-RNN_TYPES = {"lstm": (layers.LSTM, 2), "gru": (layers.GRU, 1)}  # layer, states per layer
+layers, ops = keras.layers, keras.ops
+
+RNN_TYPES = {"lstm": (layers.LSTM, 2), "gru": (layers.GRU, 1)}  # layer, states per layer; keys: RNN_CELLS
 
 
 @keras.saving.register_keras_serializable(package="captioner")
@@ -39,7 +40,7 @@ class ShowAndTell(keras.Model):
             layers.Dense(self.units, activation="tanh", name=f"init_state_{i}")
             for i in range(self.num_layers * self.states_per_layer)
         ]
-        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, mask_zero=True, name="embedding")
+        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, name="embedding")
         self.rnns = [
             rnn_class(self.units, return_sequences=True, return_state=True, name=f"{rnn}_{i}")
             for i in range(self.num_layers)
@@ -54,6 +55,7 @@ class ShowAndTell(keras.Model):
         if self.built:
             return
         batch = 1
+        self.embedding.build()
         self.initial_state(ops.zeros((batch, self.feature_dim)))
         self.call((ops.zeros((batch, self.feature_dim)), ops.ones((batch, 2), dtype="int32")))
         self.built = True
@@ -70,16 +72,17 @@ class ShowAndTell(keras.Model):
     def call(self, inputs, training: bool = False):
         features, tokens = inputs
         states = self.initial_state(features, training=training)
-        mask = ops.not_equal(tokens, 0)
-        x = self.embedding(tokens)
+        # No padding mask for the RNN: captions are padded at the end, so the outputs before the
+        # padding do not depend on it and the loss ignores the rest. (With a mask, Keras transposes
+        # a boolean tensor, which TensorFlow's oneDNN build logs as an error on AVX-512 CPUs.)
+        x = ops.take(self.embedding.embeddings, tokens, axis=0)
         for i, rnn in enumerate(self.rnns):
-            x = rnn(x, initial_state=self._layer_states(states, i), mask=mask, training=training)[0]
+            x = rnn(x, initial_state=self._layer_states(states, i), training=training)[0]
             x = self.dropout(x, training=training)
         return self.head(x)
 
     def step(self, tokens, states: list) -> tuple:
         """One decoding step for a batch: token ids [B] and states -> (logits [B, V], new states)."""
-        # A plain lookup: decoding never feeds <pad>, and a mask would only upset the cells.
         x = ops.take(self.embedding.embeddings, tokens, axis=0)
         new_states = []
         for i, rnn in enumerate(self.rnns):
@@ -102,13 +105,11 @@ class ShowAndTell(keras.Model):
 
 @keras.saving.register_keras_serializable(package="captioner")
 class MaskedCrossEntropy(keras.losses.Loss):
-    """Next-word cross-entropy that is zero on `<pad>` (id 0) targets.
-
-    The logits carry the Embedding's padding mask, so Keras's reduction averages over
-    real tokens only; zeroing here keeps padding out even where no mask is attached.
-    """
+    """Next-word cross-entropy averaged over the real tokens of a batch: `<pad>` (id 0) targets
+    count for nothing, however much padding a batch has."""
 
     def __init__(self, label_smoothing: float = 0.0, name: str = "masked_cross_entropy", **kwargs):
+        kwargs["reduction"] = "sum"  # the mean over real tokens is taken in `call`
         super().__init__(name=name, **kwargs)
         self.label_smoothing = float(label_smoothing)
 
@@ -121,7 +122,10 @@ class MaskedCrossEntropy(keras.losses.Loss):
             )
         else:
             loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
-        return loss * ops.cast(ops.not_equal(y_true, 0), loss.dtype)
+        real = ops.cast(ops.not_equal(y_true, 0), loss.dtype)
+        return loss * real / ops.maximum(ops.sum(real), 1.0)
 
     def get_config(self) -> dict:
-        return {**super().get_config(), "label_smoothing": self.label_smoothing}
+        config = super().get_config()
+        config.pop("reduction", None)
+        return {**config, "label_smoothing": self.label_smoothing}

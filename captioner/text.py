@@ -76,12 +76,16 @@ class Vocabulary:
         atomic_write_text(path, json.dumps({"words": self.words}, ensure_ascii=False, indent=0))
 
     @classmethod
+    def from_json(cls, data: object) -> Vocabulary:
+        """The vocabulary in a parsed `vocab.json`; ValueError saying what is wrong."""
+        words = data.get("words") if isinstance(data, dict) else None
+        if not isinstance(words, list) or not all(isinstance(w, str) and w for w in words):
+            raise ValueError("'words' must be a list of non-empty strings")
+        return cls(words)
+
+    @classmethod
     def load(cls, path: str | Path) -> Vocabulary:
         try:
-            data = json.loads(Path(path).read_text(encoding="utf-8"))
-            words = data["words"]
-            if not isinstance(words, list) or not all(isinstance(w, str) for w in words):
-                raise TypeError("'words' must be a list of strings")
-            return cls(words)
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            return cls.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+        except (OSError, ValueError) as e:
             raise ValueError(f"{path}: not a valid vocabulary file ({e})") from None

@@ -11,61 +11,24 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-import keras
 import numpy as np
-import tensorflow as tf
 
 from captioner.bundle import Bundle, load_bundle
 from captioner.data import CaptionDataset
-from captioner.decoding import DecodeOptions, Decoder
+from captioner.decoding import DecodeOptions, caption_texts
 from captioner.evaluation import bleu_scores
-from captioner.features import FeatureCache, extract_features
+from captioner.features import FeatureCache, encode_photos
 from captioner.fileio import atomic_save, atomic_write_text
 from captioner.model import MaskedCrossEntropy, ShowAndTell
+from captioner.quiet_tensorflow import keras, tf
+from captioner.runtime_tf import TensorFlowStep
 from captioner.text import Vocabulary
+from captioner.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    """Everything that decides the trained model; saved in the bundle for reproducibility."""
-
-    embed_dim: int = 512
-    units: int = 512
-    num_layers: int = 1
-    dropout: float = 0.5
-    rnn: str = "lstm"
-    min_count: int = 5
-    max_len: int = 30
-    epochs: int = 20
-    batch_size: int = 64
-    learning_rate: float = 2e-3
-    warmup_epochs: float = 0.5
-    clipnorm: float = 5.0
-    label_smoothing: float = 0.0
-    patience: int = 4
-    monitor: str = "bleu"  # "bleu": dev BLEU-4 (greedy) picks the best epoch; "loss": dev loss
-    dev_images: int = 1000  # images decoded for the per-epoch dev BLEU
-    seed: int = 0
-
-    @classmethod
-    def preset(cls, name: str, **overrides) -> TrainConfig:
-        if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; choose from {', '.join(PRESETS)}")
-        return cls(**{**PRESETS[name], **{k: v for k, v in overrides.items() if v is not None}})
-
-
-PRESETS: dict[str, dict] = {
-    # The shipped Flickr8k model (see docs/experiments.md for how it was chosen).
-    "default": dict(epochs=12, label_smoothing=0.1),
-    # Small and quick: the generated demo set, tests and notebooks.
-    "tiny": dict(embed_dim=64, units=128, dropout=0.1, min_count=1, max_len=20, epochs=15,
-                 batch_size=32, learning_rate=5e-3, patience=5, dev_images=200),
-}
 
 
 def build_model(config: TrainConfig, vocab_size: int, feature_dim: int) -> ShowAndTell:
@@ -76,15 +39,9 @@ def build_model(config: TrainConfig, vocab_size: int, feature_dim: int) -> ShowA
 
 def caption_sequences(dataset: CaptionDataset, ids: list[str], vocab: Vocabulary, max_len: int):
     """Every caption of `ids`: its image row and its ids `<start> w1..wn <end>`, zero-padded."""
-    rows, sequences = [], []
-    for row, image_id in enumerate(ids):
-        for caption in dataset.captions[image_id]:
-            rows.append(row)
-            sequences.append(vocab.encode(caption, max_len))
-    padded = np.zeros((len(sequences), max(map(len, sequences), default=2)), np.int32)
-    for i, seq in enumerate(sequences):
-        padded[i, : len(seq)] = seq
-    return np.asarray(rows, np.int32), padded
+    pairs = [(row, vocab.encode(caption, max_len)) for row, i in enumerate(ids) for caption in dataset.captions[i]]
+    rows = np.asarray([row for row, _ in pairs], np.int32)
+    return rows, keras.utils.pad_sequences([seq for _, seq in pairs], padding="post", dtype="int32")
 
 
 def teacher_forcing_dataset(
@@ -121,16 +78,14 @@ class DevBleu(keras.callbacks.Callback):
 
     def __init__(self, features: np.ndarray, references: list[list[str]], vocab: Vocabulary, max_len: int):
         super().__init__()
-        self.features, self.references, self.vocab, self.max_len = features, references, vocab, max_len
+        self.features, self.references, self.vocab = features, references, vocab
+        self.options = DecodeOptions("greedy", max_len=max_len)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self.decoder = Decoder(self.model, self.vocab)  # compiled once, reads the live weights
+        self.step_model = TensorFlowStep(self.model)  # compiled once, reads the live weights
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        options = DecodeOptions("greedy", max_len=self.max_len)
-        hyps = []
-        for start in range(0, len(self.features), 256):
-            hyps += [self.vocab.decode(h[0].ids) for h in self.decoder(self.features[start : start + 256], options)]
+        hyps = caption_texts(self.step_model, self.vocab, self.features, self.options)
         scores = bleu_scores(self.references, hyps)
         if logs is not None:
             logs["val_bleu1"], logs["val_bleu4"] = scores["BLEU-1"], scores["BLEU-4"]
@@ -223,12 +178,11 @@ def train(
     cache = FeatureCache(encoder.describe(), cache_dir)
 
     def encode(ids: list[str], what: str) -> tuple[list[str], np.ndarray]:
-        features, failures = extract_features([dataset.images[i] for i in ids], encoder, cache,
-                                              progress=verbose > 0, description=f"Encoding {what} photos")
+        ids, features, failures = encode_photos(dataset.images, ids, encoder, cache, progress=verbose > 0,
+                                                description=f"Encoding {what} photos")
         for failure in failures:
             log.warning("skipped %s", failure)
-        ok = ~np.isnan(features).any(axis=1)
-        return [i for i, good in zip(ids, ok) if good], features[ok]
+        return ids, features
 
     train_ids, train_features = encode(train_ids, "train")
     dev_ids, dev_features = encode(dev_ids, "dev") if dev_ids else ([], None)
@@ -248,10 +202,10 @@ def train(
                   loss=MaskedCrossEntropy(config.label_smoothing))
 
     def make_bundle(best: dict) -> Bundle:
-        info = {"train_config": asdict(config), "dataset": {"root": str(dataset.root), "layout": dataset.layout,
+        info = {"train_config": asdict(config), "dataset": {"name": dataset.root.name, "layout": dataset.layout,
                 "train_images": len(train_ids), "dev_images": len(dev_ids)},
                 "best": best, "train_seconds": round(timer.total, 1)}
-        return Bundle(model, vocab, encoder.describe(), max_len=config.max_len, info=info)
+        return Bundle(model, vocab, encoder.describe(), DecodeOptions(max_len=config.max_len), info)
 
     timer = EpochTimer(output / "history.csv")
     callbacks: list[keras.callbacks.Callback] = [

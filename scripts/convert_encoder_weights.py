@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run against this
 import keras
 import numpy as np
 
-from captioner import encoder
+from captioner import encoder, networks
 from captioner.fileio import atomic_save, atomic_write_text
 
 # ---------------------------------------------------------------------------
@@ -179,7 +179,7 @@ def _lite_mapping(network: keras.Model) -> dict[str, list[str]]:
         "stem_bn": _bn("_bn0."),
         "top_conv": ["_conv_head.weight"],
         "top_bn": _bn("_bn1."),
-        encoder.HEAD_LAYER: ["_fc.weight", "_fc.bias"],
+        networks.HEAD_LAYER: ["_fc.weight", "_fc.bias"],
     }
     b = 0
     while f"block{b}_dwconv" in names:
@@ -207,7 +207,7 @@ def _mobilenetv2_tv_mapping(network: keras.Model) -> dict[str, list[str]]:
         "expanded_conv_project_BN": _bn("features.1.conv.2."),
         "Conv_1": ["features.18.0.weight"],
         "Conv_1_bn": _bn("features.18.1."),
-        encoder.HEAD_LAYER: ["classifier.1.weight", "classifier.1.bias"],
+        networks.HEAD_LAYER: ["classifier.1.weight", "classifier.1.bias"],
     }
     for b in range(1, 17):  # features.2..17.conv = [ConvBNReLU(expand), ConvBNReLU(depthwise), Conv, BN]
         k, t = f"block_{b}_", f"features.{b + 1}.conv."
@@ -282,7 +282,7 @@ def packaged_checkpoint(name: str) -> Path:
 
 def convert(name: str, pth: Path, out: Path) -> keras.Model:
     """Build NAME's network, fill it from the checkpoint at `pth`, write `out` atomically."""
-    network = encoder.build_network(name)
+    network = networks.build_network(name)
     load_checkpoint(network, read_state_dict(pth), CHECKPOINTS[name][2](network))
     atomic_save(out, lambda p: network.save_weights(str(p)), suffix=".weights.h5")
     return network

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import time
+from dataclasses import replace
 
 from captioner.captioner import Captioner
 from captioner.data import load_dataset
@@ -34,7 +35,7 @@ def main() -> None:
     print("|---|---|---|---|---|---|")
     for setting in settings:
         start = time.perf_counter()
-        report = evaluate(captioner, dataset, args.split, captioner.options(**setting), coco=False, progress=False)
+        report = evaluate(captioner, dataset, args.split, replace(captioner.options, **setting), coco=False, progress=False)
         name = "greedy" if setting["method"] == "greedy" else f"beam {setting['beam_size']}, α={setting['length_penalty']}"
         scores = " | ".join(f"{report['scores'][f'BLEU-{n}']:.1f}" for n in range(1, 5))
         print(f"| {name} | {scores} | {time.perf_counter() - start:.0f} |", flush=True)

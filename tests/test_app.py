@@ -8,6 +8,7 @@ import json
 import re
 import struct
 import zlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,11 +89,11 @@ def captions(at: AppTest) -> list[str]:
     return [s.value for s in at.main.subheader]
 
 
-def beams(at: AppTest) -> list[list[tuple[str, float]]]:
-    """Each photo's listed beams: (sentence, log-prob)."""
-    line = re.compile(r"\d+\. (.+) :gray\[· log-prob (-?[\d.]+) · p \d+%\]")
+def beams(at: AppTest) -> list[list[tuple[str, float, float]]]:
+    """Each photo's listed beams: (sentence, per-word probability in %, log-prob)."""
+    line = re.compile(r"\d+\. (.+) :gray\[· (\d+)% per word · log-prob (-?[\d.]+)\]")
     return [
-        [(m[1], float(m[2])) for m in map(line.fullmatch, e.markdown[0].value.splitlines())]
+        [(m[1], float(m[2]), float(m[3])) for m in map(line.fullmatch, e.markdown[0].value.splitlines())]
         for e in at.main.expander if e.label.startswith("Top ")
     ]
 
@@ -106,10 +107,13 @@ def test_example_photo_gets_its_caption_and_beams(bundle_dir, app, trained_capti
     assert not at.exception, at.exception
     expected = trained_captioner.caption(app.EXAMPLES["Coffee"], num_results=3)
     assert captions(at) == [app.sentence(expected.caption)]
-    assert any(c.value.startswith("coffee.jpg · beam search, width 3") for c in at.main.caption)
+    assert any(c.value.startswith("coffee.jpg · beam search, width 3 · ") and c.value.endswith("% per word")
+               for c in at.main.caption)
     [shown] = beams(at)
-    assert shown == [(text, pytest.approx(lp, abs=0.005)) for text, lp in expected.beams]
-    assert len(shown) == 3 and [lp for _, lp in shown] == sorted((lp for _, lp in shown), reverse=True)
+    assert shown == [(b.caption, pytest.approx(100 * b.word_probability, abs=0.5), pytest.approx(b.log_prob, abs=0.005))
+                     for b in expected.beams]
+    assert len(shown) == 3 and all(0 < p <= 100 for _, p, _ in shown)
+    assert any("geometric mean" in c.value for c in at.main.caption)  # the figure is explained
 
 
 def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, trained_captioner, tmp_path):
@@ -117,6 +121,7 @@ def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, 
     bad = {
         "corrupt.jpg": (picture(14, "JPEG")[:300], "corrupt or truncated"),
         "notes.png": (b"shopping list: eggs, milk\n", "not an image"),
+        "notes.txt": (b"a text file dropped by mistake\n", "not an image"),
         "empty.webp": (b"", "empty file"),
         "huge.png": (png_header_only(20_000, 20_000), "too large"),
         "zero.png": (png_header_only(0, 0), ""),
@@ -132,7 +137,7 @@ def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, 
     assert len(errors) == len(bad)
     for error, (name, (_, reason)) in zip(errors, bad.items()):
         assert error.startswith(f"**{name}** could not be captioned: ") and reason in error
-    assert any(m.value.startswith("**3 of 8 photos captioned** · 5 could not be read") for m in at.main.markdown)
+    assert any(m.value.startswith("**3 of 9 photos captioned** · 6 could not be read") for m in at.main.markdown)
 
 
 def test_settings_change_recaptions_without_reencoding(bundle_dir, trained_captioner, encoder_calls, tmp_path):
@@ -169,9 +174,14 @@ def test_missing_model_explains_how_to_get_one(trained_run, monkeypatch, tmp_pat
     assert "captioner train --data" in at.main.code[0].value
     assert not at.file_uploader
 
-    at.text_input(key="model_dir").input(str(tmp_path)).run()  # a folder, but no bundle in it
-    assert not at.exception, at.exception
-    assert "not a model bundle" in at.main.error[0].value
+    # Typed folders: whatever is wrong, the page says the same thing, so it reveals nothing of the
+    # server's files (whether a folder exists, where a link points).
+    (tmp_path / "link").symlink_to("/etc")
+    for typed in (str(tmp_path), str(tmp_path / "nothing-here"), "~", str(tmp_path / "link")):
+        at.text_input(key="model_dir").input(typed).run()
+        assert not at.exception, at.exception
+        assert at.main.error[0].value.startswith("No model bundle could be loaded from that folder.")
+        assert typed not in at.main.error[0].value and "/etc" not in at.main.error[0].value
 
     at.text_input(key="model_dir").input(str(trained_run[0] / "model")).run()
     assert not at.exception and not at.main.error and not at.main.warning
@@ -181,17 +191,17 @@ def test_missing_model_explains_how_to_get_one(trained_run, monkeypatch, tmp_pat
 
 def test_downloads_hold_every_caption_and_error(app, trained_captioner, tmp_path):
     paths = write(tmp_path, [("good.png", picture(31)), ("bad.jpg", b"not a photo")])
-    results = trained_captioner.caption(paths, num_results=2)
-    for r, name in zip(results, ["good.png", "bad.jpg"]):
-        r.source = name
+    results = [replace(r, source=name) for r, name in
+               zip(trained_captioner.caption(paths, num_results=2), ["good.png", "bad.jpg"])]
 
-    rows = list(csv.DictReader(io.StringIO(app.results_csv(results))))
+    rows = list(csv.DictReader(io.StringIO(app.results_csv(results, 2))))
     assert [(row["image"], row["caption"]) for row in rows] == [("good.png", results[0].caption), ("bad.jpg", "")]
     assert float(rows[0]["log_prob"]) == pytest.approx(results[0].log_prob, abs=1e-4)
     assert rows[1]["error"] == results[1].error and rows[1]["log_prob"] == ""
+    assert rows[0]["caption_2"] == results[0].beams[1].caption
 
-    data = json.loads(app.results_json(results, "runs/x/model", {"method": "beam", "beam_size": 2}))
-    assert data["model"] == "runs/x/model" and data["settings"]["beam_size"] == 2
+    data = json.loads(app.results_json(results, 2, model="x", settings={"method": "beam", "beam_size": 2}))
+    assert data["model"] == "x" and data["settings"]["beam_size"] == 2
     good, bad = data["captions"]
     assert good["caption"] == results[0].caption and len(good["beams"]) == 2
     assert bad["caption"] is None and "not an image" in bad["error"]
@@ -201,3 +211,21 @@ def test_example_photos_are_real_photos_the_loader_reads(app):
     assert sorted(app.EXAMPLES) == ["Astronaut", "Chelsea", "Coffee", "Rocket"]
     for name, path in app.EXAMPLES.items():
         assert load_image(path).shape[2] == 3 and Image.open(io.BytesIO(app.example_photo(name))).format == "JPEG"
+
+
+def test_deployed_page_offers_named_models_only(trained_run, monkeypatch):
+    monkeypatch.setenv("CAPTIONER_APP_MODELS", f"shapes={trained_run[0] / 'model'}, missing=/nowhere")
+    at = open_page()
+    assert not at.text_input  # no box to name a folder of the server
+    assert at.selectbox(key="model_name").options == ["shapes", "missing"]
+    at.checkbox(key="example-chelsea").check().run()
+    assert len(captions(at)) == 1
+    at.selectbox(key="model_name").select("missing").run()
+    assert not at.exception, at.exception
+    assert at.main.error[0].value.startswith("No model bundle could be loaded")
+    assert "/nowhere" not in at.main.error[0].value
+
+
+def test_page_fetches_nothing_from_outside(app):
+    assert app.ICON.is_file() and "page_icon=str(ICON)" in APP.read_text()
+    assert not re.search(r"https?://", APP.read_text().split('"""', 2)[2])  # no URL in the page's code

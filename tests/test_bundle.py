@@ -1,10 +1,11 @@
-import json
 import zipfile
 
 import numpy as np
 import pytest
+from helpers import edit_config, edit_decoder_file
 
 from captioner.bundle import Bundle, BundleError, load_bundle
+from captioner.decoding import DecodeOptions
 from captioner.model import ShowAndTell
 from captioner.text import Vocabulary
 
@@ -19,27 +20,21 @@ def model():
 
 @pytest.fixture
 def bundle_dir(tmp_path, model):
-    return Bundle(model, VOCAB, ENCODER, max_len=12, info={"note": "test"}).save(tmp_path / "b")
-
-
-def edit_config(path, **changes):
-    config = json.loads((path / "config.json").read_text())
-    config.update(changes)
-    (path / "config.json").write_text(json.dumps(config))
+    return Bundle(model, VOCAB, ENCODER, DecodeOptions(max_len=12), info={"note": "test"}).save(tmp_path / "b")
 
 
 def test_round_trip_is_identical(bundle_dir, model):
     loaded = load_bundle(bundle_dir)
     f, t = np.ones((1, 8), np.float32), np.array([[1, 4, 5]])
     np.testing.assert_array_equal(loaded.model((f, t)), model((f, t)))
-    assert loaded.vocab == VOCAB and loaded.encoder == ENCODER and loaded.max_len == 12
+    assert loaded.vocab == VOCAB and loaded.encoder == ENCODER and loaded.decoding == DecodeOptions(max_len=12)
     assert loaded.info == {"note": "test"}
 
 
 def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path, model):
     model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
     model.fit((np.ones((2, 8), np.float32), np.array([[1, 4], [1, 5]])), np.array([[4, 2], [5, 2]]), verbose=0)
-    path = Bundle(model, VOCAB, ENCODER, max_len=12).save(tmp_path / "trained")
+    path = Bundle(model, VOCAB, ENCODER).save(tmp_path / "trained")
     with zipfile.ZipFile(path / "decoder.keras") as z:
         assert "optimizer" not in z.read("model.weights.h5").decode("latin-1")
     np.testing.assert_array_equal(load_bundle(path).model.get_weights()[0], model.get_weights()[0])
@@ -47,8 +42,8 @@ def test_a_trained_model_is_saved_without_its_optimizer_state(tmp_path, model):
 
 def test_saving_over_a_bundle_replaces_it_whole(bundle_dir):
     model = ShowAndTell(len(VOCAB), 8, embed_dim=4, units=6)
-    Bundle(model, VOCAB, ENCODER, max_len=20).save(bundle_dir)
-    assert load_bundle(bundle_dir).max_len == 20
+    Bundle(model, VOCAB, ENCODER, DecodeOptions(max_len=20)).save(bundle_dir)
+    assert load_bundle(bundle_dir).decoding.max_len == 20
     assert sorted(p.name for p in bundle_dir.parent.iterdir()) == ["b"]  # no temporary left over
 
 
@@ -77,30 +72,18 @@ def test_feature_size_mismatch(bundle_dir):
         load_bundle(bundle_dir)
 
 
-def edit_model_file(bundle_dir, edit) -> None:
-    """Rewrite decoder.keras with `edit` applied to the model config inside it."""
-    with zipfile.ZipFile(bundle_dir / "decoder.keras") as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    config = json.loads(files["config.json"])
-    edit(config["config"])
-    files["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(bundle_dir / "decoder.keras", "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
-
-
 def test_lambda_layer_is_refused_unread(bundle_dir):
     # A Keras file whose config smuggles in a Lambda layer (the classic code-execution vector).
     lambda_layer = {"module": "keras.layers", "class_name": "Lambda",
                     "config": {"function": {"class_name": "__lambda__", "config": {"code": "..."}}}}
-    edit_model_file(bundle_dir, lambda config: config.update(extra=lambda_layer))
+    edit_decoder_file(bundle_dir, lambda config: config["config"].update(extra=lambda_layer))
     with pytest.raises(BundleError, match="Lambda"):
         load_bundle(bundle_dir)
 
 
 def test_foreign_class_is_refused(bundle_dir):
-    edit_model_file(bundle_dir, lambda config: config.update(dtype={"module": "os", "class_name": "system",
-                                                                    "config": {}}))
+    edit_decoder_file(bundle_dir, lambda config: config["config"].update(
+        dtype={"module": "os", "class_name": "system", "config": {}}))
     with pytest.raises(BundleError, match="os.system"):
         load_bundle(bundle_dir)
 
@@ -115,12 +98,6 @@ def test_weights_of_the_wrong_shape(bundle_dir, tmp_path):
     other = ShowAndTell(len(VOCAB), 8, embed_dim=4, units=9)  # 9 units, config says 6
     other.save(tmp_path / "other.keras")
     with zipfile.ZipFile(tmp_path / "other.keras") as z:
-        weights = z.read("model.weights.h5")
-    with zipfile.ZipFile(bundle_dir / "decoder.keras") as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    files["model.weights.h5"] = weights
-    with zipfile.ZipFile(bundle_dir / "decoder.keras", "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+        edit_decoder_file(bundle_dir, replace_members={"model.weights.h5": z.read("model.weights.h5")})
     with pytest.raises(BundleError, match="does not load"):
         load_bundle(bundle_dir)

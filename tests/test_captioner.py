@@ -32,9 +32,11 @@ def test_a_list_returns_one_result_each_in_order_with_failures(trained_captioner
 def test_top_beams_and_decoding_options(trained_captioner, shapes):
     path = shapes.images[shapes.splits["dev"][1]]
     result = trained_captioner.caption(path, method="beam", beam_size=4, num_results=3)
-    assert len(result.beams) == 3 and result.beams[0] == (result.caption, result.log_prob)
-    assert [lp for _, lp in result.beams] == sorted((lp for _, lp in result.beams), reverse=True)
-    assert len({text for text, _ in result.beams}) == 3
+    assert len(result.beams) == 3 and (result.beams[0].caption, result.beams[0].log_prob) == (result.caption,
+                                                                                               result.log_prob)
+    assert [b.score for b in result.beams] == sorted((b.score for b in result.beams), reverse=True)
+    assert len({b.caption for b in result.beams}) == 3
+    assert all(0 < b.word_probability <= 1 for b in result.beams)
     short = trained_captioner.caption(path, method="sample", seed=0, max_len=2)
     assert len(short.caption.split()) <= 2
 

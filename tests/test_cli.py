@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioner.cli import OUTPUT_FIELDS, build_parser
+from captioner.cli import build_parser
+from captioner.output import FIELDS as OUTPUT_FIELDS
 from captioner.synthetic import random_scene, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -59,20 +60,33 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
     model = str(trained_run[0] / "model")
     # a JSONL file left by a run killed after two rows, in the middle of the third
     partial = base / "partial.jsonl"
-    kept = [{"image": str(photos / "good_0.jpg"), "caption": "a kept caption", "log_prob": -1.0, "error": None},
-            {"image": str(photos / "empty.jpg"), "caption": None, "log_prob": None, "error": "empty file (0 bytes)"}]
+    kept = [{"image": str(photos / "good_0.jpg"), "caption": "a kept caption", "log_prob": -1.0, "score": -0.5,
+             "error": None},
+            {"image": str(photos / "empty.jpg"), "caption": None, "log_prob": None, "score": None,
+             "error": "empty file (0 bytes)"}]
     partial.write_text("".join(json.dumps(row) + "\n" for row in kept)
                        + json.dumps({"image": str(photos / "good_1.jpg"), "caption": "a torn row"})[:40],
                        encoding="utf-8")
     (base / "foreign.csv").write_text("name,score\nalice,3\n")
+    (base / "taken.csv").write_text("somebody's work\n")
+    # A `tensorflow` that fails on import: commands that need no model must not import the real one.
+    poison = base / "poison"
+    poison.mkdir()
+    (poison / "tensorflow.py").write_text("raise ImportError('TensorFlow was imported')\n")
     commands = {
         "csv": ["caption", str(photos), "--model", model, "-o", str(base / "out.csv")],
         "stdout": ["caption", str(photos / "good_1.jpg"), str(photos / "good_2.jpg"), str(photos / "notes.jpg"),
                    "--model", model, "--top", "2"],
         "resume": ["caption", str(photos), "--model", model, "-o", str(partial), "--resume"],
         "missing path": ["caption", str(photos / "nope.jpg"), "--model", model],
+        "top csv": ["caption", str(photos / "good_1.jpg"), "--model", model, "--top", "3", "-o", str(base / "top.csv")],
+        "top jsonl": ["caption", str(photos / "good_1.jpg"), "--model", model, "--top", "3",
+                      "-o", str(base / "top.jsonl")],
         "missing model": ["caption", str(photos), "--model", str(base / "no-such-model")],
         "bad value": ["caption", str(photos / "good_0.jpg"), "--model", model, "--beam-size", "0"],
+        "resume without output": ["caption", str(photos), "--resume"],
+        "top greedy": ["caption", str(photos), "--method", "greedy", "--top", "2"],
+        "existing output": ["caption", str(photos), "-o", str(base / "taken.csv")],
         "bad option": ["caption", str(photos), "--beam-size", "wide"],
         "unknown option": ["caption", str(photos), "--frobnicate"],
         "bad output": ["caption", str(photos), "-o", str(base / "out.txt")],
@@ -81,21 +95,37 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
         **{f"help {name}": [name, "--help"] for name in SUBCOMMANDS},
         "help": ["--help"],
     }
-    env = {**os.environ, "CAPTIONER_HOME": str(base / "home"), "PYTHONPATH": str(ROOT), "TF_CPP_MIN_LOG_LEVEL": "2"}
+    # As a user's shell has it: no TF_CPP_MIN_LOG_LEVEL; oneDNN on, as TensorFlow does by default on
+    # AVX-512 CPUs (and its start-up notices with it), so that these runs see what such a CPU shows.
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("TF_")},
+           "CAPTIONER_HOME": str(base / "home"), "PYTHONPATH": str(ROOT), "TF_ENABLE_ONEDNN_OPTS": "1"}
+    needs_no_model = {"missing model", "bad value", "resume without output", "top greedy", "existing output",
+                      "bad output", "foreign resume"}
 
-    def run(args: list[str]) -> Run:
+    def run(name: str, args: list[str]) -> Run:
+        path = f"{poison}{os.pathsep}{ROOT}" if name in needs_no_model else str(ROOT)
         done = subprocess.run([sys.executable, "-m", "captioner", *args], capture_output=True, text=True,
-                              env=env, cwd=base, timeout=300, check=False)
+                              env={**env, "PYTHONPATH": path}, cwd=base, timeout=300, check=False)
         return Run(args, done.returncode, done.stdout, done.stderr)
 
     with ThreadPoolExecutor(max_workers=4) as pool:  # two busy cores: a few processes at a time
-        results = dict(zip(commands, pool.map(run, commands.values())))
+        results = dict(zip(commands, pool.map(run, commands, commands.values())))
     results["meta"] = (base, photos, expected)  # type: ignore[assignment]
     return results
 
 
 def no_traceback(run: Run) -> None:
     assert "Traceback" not in run.stderr + run.stdout, run.stderr
+
+
+OWN_LINES = ("error: ", "captioned ", "resuming: ", "nothing to caption")
+
+
+@pytest.mark.parametrize("name", ["csv", "stdout", "resume", "top csv"])
+def test_stderr_holds_only_captioners_own_lines(runs, name):
+    """No TensorFlow start-up notice (oneDNN, absl) or C++ log line reaches the user, on any CPU."""
+    foreign = [line for line in runs[name].stderr.splitlines() if not line.startswith(OWN_LINES)]
+    assert foreign == [], runs[name].stderr
 
 
 def test_caption_a_folder_with_broken_files(runs):
@@ -128,8 +158,12 @@ def test_caption_to_stdout_with_top_beams(runs):
     captions = [line for line in lines if not line.startswith("\t")]
     assert [line.split("\t")[0] for line in captions] == [str(photos / "good_1.jpg"), str(photos / "good_2.jpg")]
     assert all(line.split("\t")[1] for line in captions)
-    beams = [line for line in lines if line.startswith("\t")]
-    assert len(beams) == 2 and all(float(line.split()[0]) < 0 for line in beams)
+    beams = [line.split("\t") for line in lines if line.startswith("\t")]
+    assert [b[1] for b in beams] == ["1", "2", "1", "2"]  # two ranked beams under each photo
+    for first, second, caption in zip(beams[::2], beams[1::2], captions):
+        assert first[4] == caption.split("\t")[1]  # the caption is the first beam
+        assert float(first[2].split()[1]) >= float(second[2].split()[1])  # ranked by score
+        assert all(float(b[3].split()[1]) < 0 for b in (first, second))
     assert run.error_lines == [f"error: {photos / 'notes.jpg'}: not an image Pillow can read"]
 
 
@@ -140,32 +174,52 @@ def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
     run = runs["resume"]
     no_traceback(run)
     assert run.returncode == 1  # broken.jpg and notes.jpg still fail
-    assert "resuming: 2 photos already in" in run.stderr
-    assert "captioned 3 of 5 photos" in run.stderr
+    assert "resuming: 1 photos already in" in run.stderr  # the failed photo is tried again
+    assert "captioned 3 of 6 photos" in run.stderr
     text = (base / "partial.jsonl").read_text(encoding="utf-8")
     assert text.endswith("\n") and "a torn" not in text
     rows = [json.loads(line) for line in text.splitlines()]  # every line whole
     assert [set(r) for r in rows] == [set(OUTPUT_FIELDS)] * len(rows)
-    assert sorted(Path(r["image"]).name for r in rows) == sorted(expected)
+    assert sorted(Path(r["image"]).name for r in rows) == sorted(expected)  # each photo once
     assert rows[0]["caption"] == "a kept caption"  # finished work is never redone or rewritten
     good_3 = next(r for r in rows if r["image"] == str(photos / "good_3.jpg"))
     assert good_3["caption"] and good_3["error"] is None and isinstance(good_3["log_prob"], float)
     notes = next(r for r in rows if r["image"] == str(photos / "notes.jpg"))
-    assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None,
+    assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None, "score": None,
                      "error": "not an image Pillow can read"}
+
+
+def test_top_beams_in_csv_and_jsonl(runs):
+    base, _, _ = runs["meta"]
+    for name in ("top csv", "top jsonl"):
+        no_traceback(runs[name])
+        assert runs[name].returncode == 0, runs[name].stderr
+    with open(base / "top.csv", newline="", encoding="utf-8") as f:
+        [row] = list(csv.DictReader(f))
+    assert [k for k in row if k.startswith("caption")] == ["caption", "caption_2", "caption_3"]
+    scores = [float(row[k]) for k in ("score", "score_2", "score_3")]
+    assert scores == sorted(scores, reverse=True) and len({row["caption"], row["caption_2"], row["caption_3"]}) == 3
+    [record] = [json.loads(line) for line in (base / "top.jsonl").read_text().splitlines()]
+    assert [b["caption"] for b in record["beams"]] == [row["caption"], row["caption_2"], row["caption_3"]]
+    assert record["beams"][0] == {k: record[k] for k in ("caption", "log_prob", "score")}
 
 
 @pytest.mark.parametrize(
     "name, message",
     [
         ("missing path", "nope.jpg: no such file or directory"),
-        ("missing model", "no-such-model: model bundle not found"),
-        ("bad value", "beam size, max length and number of results must be at least 1"),
+        ("missing model", "--model: "),
+        ("bad value", "--beam-size: must be a whole number from 1 to 64, got 0"),
         ("bad output", "out.txt: output must end in .csv or .jsonl"),
-        ("foreign resume", "foreign.csv: not a captioner output file, cannot resume it"),
+        ("foreign resume", "foreign.csv: not a captioner output file with these columns"),
+        ("resume without output", "--resume: continues an --output file; give -o FILE"),
+        ("top greedy", "--top: 2 beams need --method beam"),
+        ("existing output", "taken.csv: already exists; add --resume to continue it or --overwrite to replace it"),
     ],
 )
 def test_user_errors_are_one_line(runs, name, message):
+    """Each is found before TensorFlow is imported (those runs have a `tensorflow` that fails to
+    import) and is one line naming the flag or file."""
     run = runs[name]
     no_traceback(run)
     assert run.returncode == 2, run.stderr
@@ -199,3 +253,8 @@ def test_help_for_every_subcommand(runs):
     assert "--epochs" in runs["help train"].stdout and "--preset" in runs["help train"].stdout
 
 
+
+
+def test_an_existing_output_is_left_alone_when_refused(runs):
+    base, _, _ = runs["meta"]
+    assert (base / "taken.csv").read_text() == "somebody's work\n"

@@ -1,18 +1,29 @@
-import keras
 import numpy as np
 import pytest
 
-from captioner.decoding import DecodeOptions, Decoder
+from captioner.decoding import DecodeOptions, OptionError, decode
 from captioner.model import ShowAndTell
+from captioner.quiet_tensorflow import keras
+from captioner.runtime_tf import TensorFlowStep
 from captioner.text import Vocabulary
 
 VOCAB = Vocabulary(["<pad>", "<start>", "<end>", "<unk>"] + [f"w{i}" for i in range(16)])
 
 
+class Decoder:
+    """Decoding through the TensorFlow runtime, keeping the model at hand for reference loops."""
+
+    def __init__(self, model: ShowAndTell):
+        self.model, self.step = model, TensorFlowStep(model)
+
+    def __call__(self, features, options):
+        return decode(self.step, features, options)
+
+
 @pytest.fixture(scope="module")
 def decoder():
     keras.utils.set_random_seed(3)
-    return Decoder(ShowAndTell(len(VOCAB), 8, embed_dim=8, units=16, dropout=0.0), VOCAB)
+    return Decoder(ShowAndTell(len(VOCAB), 8, embed_dim=8, units=16, dropout=0.0))
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +85,7 @@ def test_a_wide_enough_beam_is_exhaustive_search():
     """With 3 words and at most 2 of them, 40 beams never prune: the result is the most likely caption."""
     vocab = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "x", "y", "z"])
     keras.utils.set_random_seed(5)
-    decoder = Decoder(ShowAndTell(len(vocab), 8, embed_dim=4, units=8, dropout=0.0), vocab)
+    decoder = Decoder(ShowAndTell(len(vocab), 8, embed_dim=4, units=8, dropout=0.0))
     features = np.random.default_rng(1).normal(size=(4, 8)).astype(np.float32) * 3
     found = decoder(features, DecodeOptions("beam", beam_size=40, max_len=2, length_penalty=0.0))  # rank by log-prob
     candidates = [[], *[[a] for a in (4, 5, 6)], *[[a, b] for a in (4, 5, 6) for b in (4, 5, 6)]]
@@ -110,8 +121,31 @@ def test_sampling_is_seeded_and_temperature_sharpens(decoder, features):
     assert [h[0].ids for h in cold] == reference_greedy(decoder.model, features, 12)
 
 
-def test_bad_options():
-    with pytest.raises(ValueError, match="method"):
-        DecodeOptions("nucleus")
-    with pytest.raises(ValueError):
-        DecodeOptions(beam_size=0)
+@pytest.mark.parametrize("field, value", [
+    ("method", "nucleus"), ("beam_size", 0), ("beam_size", 300_000), ("beam_size", 2.5), ("beam_size", True),
+    ("max_len", 10**9), ("max_len", "long"), ("length_penalty", float("nan")), ("length_penalty", "0.5"),
+    ("temperature", 0), ("temperature", float("inf")), ("seed", -1), ("seed", 1.5), ("num_results", 4),
+])
+def test_bad_options_name_their_field(field, value):
+    with pytest.raises(OptionError) as info:
+        DecodeOptions(**{field: value})
+    assert info.value.field == field and str(info.value).startswith(f"{field}: ")
+
+
+def test_options_are_frozen_and_replaced():
+    from dataclasses import FrozenInstanceError, replace
+
+    options = DecodeOptions()
+    with pytest.raises(FrozenInstanceError):
+        options.beam_size = 5  # type: ignore[misc]
+    assert replace(options, beam_size=5).beam_size == 5 and options.beam_size == 3
+    assert DecodeOptions.from_dict(options.to_dict()) == options
+    with pytest.raises(OptionError, match="run: is not a decoding option"):
+        DecodeOptions.from_dict({"run": "rm -rf ~"})
+
+
+def test_more_results_than_beams_or_without_beams_is_refused():
+    with pytest.raises(OptionError, match="num_results"):
+        DecodeOptions("greedy", num_results=2)
+    with pytest.raises(OptionError, match="at most the beam size"):
+        DecodeOptions("beam", beam_size=2, num_results=3)

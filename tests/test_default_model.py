@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import skimage.data
 
-from captioner.captioner import DEFAULT_MODEL, Captioner
+from captioner.captioner import Captioner
+from captioner.paths import SHIPPED_MODEL
 from captioner.encoder import ImageEncoder
 from captioner.synthetic import random_scene, render_scene
 from captioner.text import tokenize
@@ -23,7 +24,7 @@ def is_sentence(text: str, vocab) -> bool:
 
 
 def test_shipped_bundle_records_the_encoder_the_project_builds():
-    config = json.loads((DEFAULT_MODEL / "config.json").read_text())
+    config = json.loads((SHIPPED_MODEL / "config.json").read_text())
     assert config["encoder"] == ImageEncoder(config["encoder"]["name"]).describe()
 
 

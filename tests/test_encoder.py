@@ -23,7 +23,8 @@ import skimage.data
 from PIL import Image
 
 from captioner import encoder
-from captioner.encoder import DEFAULT_ENCODER, EncoderError, ImageEncoder, available_encoders
+from captioner.encoder import DEFAULT_ENCODER, EncoderError, ImageEncoder
+from captioner.networks import available_encoders
 
 # Keras's TensorFlow backend trips NumPy 2's __array__(copy=) deprecation in get/save_weights.
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")

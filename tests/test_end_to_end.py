@@ -1,4 +1,6 @@
 """Train a small model on generated photos and check that it really learned to caption."""
+from dataclasses import replace
+
 import pytest
 
 from captioner.bundle import Bundle
@@ -14,12 +16,12 @@ def test_trained_model_beats_an_untrained_one_on_held_out_photos(shapes, trained
     trained = Captioner(bundle, tiny_encoder)
     untrained_model = ShowAndTell(len(bundle.vocab), tiny_encoder.feature_dim, **{
         k: bundle.model.get_config()[k] for k in ("embed_dim", "units", "num_layers", "dropout", "rnn")})
-    untrained = Captioner(Bundle(untrained_model, bundle.vocab, bundle.encoder, bundle.max_len), tiny_encoder)
+    untrained = Captioner(Bundle(untrained_model, bundle.vocab, bundle.encoder, bundle.decoding), tiny_encoder)
 
     scores = {}
     for name, captioner in [("trained", trained), ("untrained", untrained)]:
         for method in ("greedy", "beam"):
-            report = evaluate(captioner, shapes, "test", captioner.options(method=method, beam_size=3),
+            report = evaluate(captioner, shapes, "test", replace(captioner.options, method=method, beam_size=3),
                               coco=False, progress=False)
             assert report["images"] == len(shapes.splits["test"]) > 0
             scores[name, method] = report["scores"]["BLEU-4"]

@@ -9,14 +9,17 @@ import re
 import zipfile
 from pathlib import Path
 
-import keras
+import numpy as np
 import pytest
+from helpers import StubEncoder, edit_config, edit_decoder_file
 
 import captioner
 from captioner.bundle import CONFIG, DECODER, VOCAB, Bundle, BundleError, load_bundle
 from captioner.captioner import Captioner
+from captioner.decoding import DecodeOptions
 from captioner.encoder import ImageEncoder
 from captioner.model import ShowAndTell
+from captioner.quiet_tensorflow import keras
 from captioner.text import Vocabulary
 
 VOCAB_WORDS = Vocabulary(["<pad>", "<start>", "<end>", "<unk>", "a", "red", "circle"])
@@ -27,25 +30,7 @@ PACKAGE = Path(captioner.__file__).parent
 @pytest.fixture
 def bundle_dir(tmp_path):
     model = ShowAndTell(len(VOCAB_WORDS), 8, embed_dim=4, units=6)
-    return Bundle(model, VOCAB_WORDS, ENCODER, max_len=12).save(tmp_path / "bundle")
-
-
-def edit_config(path: Path, **changes) -> None:
-    config = json.loads((path / CONFIG).read_text())
-    config.update(changes)
-    (path / CONFIG).write_text(json.dumps(config))
-
-
-def edit_decoder_config(path: Path, edit) -> None:
-    """Rewrite the architecture JSON inside decoder.keras, as a tampered download would."""
-    with zipfile.ZipFile(path / DECODER) as z:
-        files = {n: z.read(n) for n in z.namelist()}
-    config = json.loads(files["config.json"])
-    edit(config)
-    files["config.json"] = json.dumps(config).encode()
-    with zipfile.ZipFile(path / DECODER, "w") as z:
-        for name, data in files.items():
-            z.writestr(name, data)
+    return Bundle(model, VOCAB_WORDS, ENCODER, DecodeOptions(max_len=12)).save(tmp_path / "bundle")
 
 
 def refused(path: Path, pattern: str) -> str:
@@ -70,7 +55,7 @@ def test_a_lambda_never_runs(bundle_dir, tmp_path):
     # a real serialised Lambda whose code would create `marker`
     layer = keras.layers.Lambda(lambda x, p=str(marker): (__import__("pathlib").Path(p).touch(), x)[1])
     evil = keras.saving.serialize_keras_object(layer)
-    edit_decoder_config(bundle_dir, lambda c: c["config"].setdefault("layers", [evil]))
+    edit_decoder_file(bundle_dir, lambda c: c["config"].setdefault("layers", [evil]))
     refused(bundle_dir, "Lambda layer")
     assert not marker.exists()
 
@@ -78,7 +63,7 @@ def test_a_lambda_never_runs(bundle_dir, tmp_path):
 def test_serialised_python_function_is_refused(bundle_dir):
     # a lambda can also hide as an activation or a loss, without any Lambda layer
     code = {"class_name": "__lambda__", "config": {"code": "4wIAAAA=", "defaults": None, "closure": None}}
-    edit_decoder_config(bundle_dir, lambda c: c["config"].update(activation=code))
+    edit_decoder_file(bundle_dir, lambda c: c["config"].update(activation=code))
     refused(bundle_dir, r"refers to \?\.__lambda__")
 
 
@@ -110,8 +95,9 @@ def test_no_pickle_in_the_package_or_its_bundles(bundle_dir):
     "change, pattern",
     [
         ({"format_version": None}, "format version None is not supported"),
-        ({"format_version": "1"}, "format version 1 is not supported"),
-        ({"format_version": 0}, r"format version 0 is not supported .*\(expects 1\)"),
+        ({"format_version": "1"}, "format version '1' is not supported"),
+        ({"format_version": True}, "format version True is not supported"),
+        ({"format_version": 0}, r"format version 0 is not supported .*\(expects 2\)"),
         ({"format": "something-else"}, "not a captioner bundle config"),
     ],
 )
@@ -131,7 +117,7 @@ def test_unreadable_or_half_written_config(bundle_dir, text):
     [
         (["a", "b"], "vocabulary must start with"),
         (["<pad>", "<start>", "<end>", "<unk>", "a", "a"], "duplicate words"),
-        ({"words": "abc"}, "must be a list of strings"),
+        ({"words": "abc"}, "must be a list of non-empty strings"),
     ],
 )
 def test_bad_vocabulary_files(bundle_dir, words, pattern):
@@ -162,13 +148,14 @@ def test_encoder_identity_must_be_complete(bundle_dir, encoder):
 
 @pytest.mark.parametrize(
     "change",
-    [{"decoding": {"method": "beam", "run": "rm -rf ~"}}, {"decoding": {"method": "telepathy"}},
-     {"decoding": {"beam_size": 0}}, {"decoding": "beam"}, {"max_len": "long"}, {"max_len": 0}],
+    [{"method": "beam", "run": "rm -rf ~"}, {"method": "telepathy"}, {"beam_size": 0}, "beam",
+     {"max_len": "long"}, {"max_len": 0}, {"max_len": 10**9}, {"beam_size": 300_000},
+     {"length_penalty": "0.5"}, {"seed": 1.5}, {"temperature": None}, [1, 2]],
 )
 def test_bad_decoding_defaults_are_refused_at_load(bundle_dir, change):
-    # otherwise the first caption request would fail with a TypeError far from the cause
-    edit_config(bundle_dir, **change)
-    refused(bundle_dir, "(invalid decoding settings|max_len)")
+    # otherwise the first caption request would fail far from the cause, or run out of memory
+    edit_config(bundle_dir, decoding={**DecodeOptions().to_dict(), **change} if isinstance(change, dict) else change)
+    refused(bundle_dir, "invalid decoding default")
 
 
 def test_config_cannot_name_files_to_read(bundle_dir, tmp_path):
@@ -202,20 +189,10 @@ def test_links_inside_the_bundle_and_a_linked_bundle_are_fine(bundle_dir, tmp_pa
     assert load_bundle(tmp_path / "alias").vocab == VOCAB_WORDS
 
 
-class _StubEncoder:
-    """Looks like an ImageEncoder to `Captioner`; only its identity matters here."""
-
-    def __init__(self, **identity):
-        self.identity = {**ENCODER, **identity}
-
-    def describe(self):
-        return self.identity
-
-
 @pytest.mark.parametrize("identity", [{"name": "mobilenetv2"}, {"weights_id": "random:seed=1"}])
 def test_captioner_refuses_another_encoder(bundle_dir, identity):
     with pytest.raises(BundleError, match="model was trained on encoder tiny .* but got"):
-        Captioner(load_bundle(bundle_dir), _StubEncoder(**identity))
+        Captioner(load_bundle(bundle_dir), StubEncoder({**ENCODER, **identity}))
 
 
 def test_captioner_refuses_a_real_encoder_with_other_weights(trained_run):
@@ -240,7 +217,83 @@ def test_unknown_encoder_name_is_a_clear_error(bundle_dir):
 def test_captioner_load_gives_bundle_errors(tmp_path, bundle_dir):
     with pytest.raises(BundleError, match="model bundle not found"):
         Captioner.load(tmp_path / "nowhere")
-    edit_config(bundle_dir, format_version=2)
-    with pytest.raises(BundleError, match="format version 2"):
+    edit_config(bundle_dir, format_version=3)
+    with pytest.raises(BundleError, match="format version 3"):
         Captioner.load(bundle_dir)
 
+
+
+# ----------------------------------------------------------------------------- hostile sizes and types
+
+
+@pytest.mark.parametrize("field, value", [
+    ("vocab_size", 10**9), ("vocab_size", "7"), ("info", "training notes"), ("info", [1]),
+    ("model_type", "show-attend-and-steal"), ("encoder", {**ENCODER, "feature_dim": 10**9}),
+    ("encoder", {**ENCODER, "image_size": True}),
+])
+def test_config_fields_of_the_wrong_type_or_size_are_refused(bundle_dir, field, value):
+    edit_config(bundle_dir, **{field: value})
+    refused(bundle_dir, field)
+
+
+@pytest.mark.parametrize("key, value", [("units", 10**9), ("num_layers", 5000), ("vocab_size", 2**40),
+                                        ("embed_dim", "big"), ("dropout", 7), ("feature_dim", None)])
+def test_decoder_sizes_are_bounded_before_anything_is_built(bundle_dir, key, value, monkeypatch):
+    monkeypatch.setattr(keras.saving, "load_model", lambda *a, **k: pytest.fail("Keras was asked to build it"))
+    edit_decoder_file(bundle_dir, lambda c: c["config"].update({key: value}))
+    refused(bundle_dir, f"decoder '{key}' must be")
+
+
+def test_a_decoder_config_that_is_a_list_is_refused(bundle_dir):
+    edit_decoder_file(bundle_dir, replace_members={"config.json": b"[1, 2, 3]"})
+    refused(bundle_dir, "holds a 'list' model, not a ShowAndTell decoder")
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, '{"a":' * 40 + "1" + "}" * 40,
+                                  '{"format": "captioner-bundle", "vocab_size": Infinity}', '{"x": NaN}'])
+def test_hostile_json_is_a_one_line_refusal(bundle_dir, text):
+    (bundle_dir / CONFIG).write_text(text)
+    refused(bundle_dir, f"{CONFIG}: (not valid JSON|JSON nested more than)")
+
+
+def test_member_sizes_are_bounded_before_reading(bundle_dir, monkeypatch):
+    from pathlib import Path as _Path
+
+    big = bundle_dir / VOCAB
+    with open(big, "r+b") as f:  # a sparse 350 MB vocab.json: refused from its size alone
+        f.truncate(350 << 20)
+    reads = []
+    real = _Path.read_bytes
+    monkeypatch.setattr(_Path, "read_bytes", lambda self: reads.append(self.name) or real(self))
+    refused(bundle_dir, "vocab.json: .* bytes, more than a bundle's vocab.json ever needs")
+    assert VOCAB not in reads
+
+
+def test_a_zip_member_that_unpacks_to_gigabytes_is_refused(bundle_dir):
+    import zipfile as _zip
+
+    with _zip.ZipFile(bundle_dir / DECODER, "a", compression=_zip.ZIP_DEFLATED) as z:
+        with z.open("padding.bin", "w", force_zip64=True) as member:
+            chunk = bytes(1 << 24)
+            for _ in range(130):  # 2.2 GB of zeros, a few MB on disk
+                member.write(chunk)
+    refused(bundle_dir, "unpacks to .* bytes, more than any decoder")
+
+
+def test_non_finite_weights_are_refused(bundle_dir, tmp_path):
+    bundle = load_bundle(bundle_dir)
+    weights = bundle.model.get_weights()
+    weights[0] = np.full_like(weights[0], np.nan)
+    bundle.model.set_weights(weights)
+    bundle.save(bundle_dir)
+    refused(bundle_dir, "not all finite numbers")
+
+
+def test_version_1_bundles_still_load(bundle_dir):
+    config = json.loads((bundle_dir / CONFIG).read_text())
+    decoding = config.pop("decoding")
+    config.pop("model_type")
+    config.update(format_version=1, max_len=decoding.pop("max_len"),
+                  decoding={k: decoding[k] for k in ("method", "beam_size", "length_penalty")})
+    (bundle_dir / CONFIG).write_text(json.dumps(config))
+    assert load_bundle(bundle_dir).decoding == DecodeOptions(max_len=12)

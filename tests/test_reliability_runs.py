@@ -26,7 +26,7 @@ from helpers import IDENTITY, CountingEncoder
 from PIL import Image
 
 from captioner.bundle import Bundle, load_bundle
-from captioner.cli import OUTPUT_FIELDS
+from captioner.decoding import DecodeOptions
 from captioner.features import FeatureCache, content_key, iter_features
 from captioner.fileio import (
     atomic_path,
@@ -35,6 +35,7 @@ from captioner.fileio import (
     atomic_write_text,
 )
 from captioner.model import ShowAndTell
+from captioner.output import FIELDS as OUTPUT_FIELDS
 from captioner.synthetic import make_shapes_dataset, random_scene, render_scene
 from captioner.text import Vocabulary
 from captioner.training import AtomicBackupAndRestore
@@ -104,7 +105,7 @@ ENCODER = {"name": "tiny", "weights_id": "random:seed=0", "image_size": 64, "fea
 
 def test_bundle_save_crashing_mid_write_keeps_the_old_bundle(tmp_path, monkeypatch):
     old = ShowAndTell(len(VOCAB), 8, embed_dim=4, units=6)
-    path = Bundle(old, VOCAB, ENCODER, max_len=12).save(tmp_path / "model")
+    path = Bundle(old, VOCAB, ENCODER, DecodeOptions(max_len=12)).save(tmp_path / "model")
     features, tokens = np.ones((1, 8), np.float32), np.array([[1, 4, 5]])
     expected = old((features, tokens))
 
@@ -115,7 +116,7 @@ def test_bundle_save_crashing_mid_write_keeps_the_old_bundle(tmp_path, monkeypat
     monkeypatch.setattr(ShowAndTell, "save", torn_save)
     new = ShowAndTell(len(VOCAB), 8, embed_dim=4, units=6)
     with pytest.raises(Crash):
-        Bundle(new, Vocabulary([*VOCAB.words, "blue"]), ENCODER, max_len=20).save(path)
+        Bundle(new, Vocabulary([*VOCAB.words, "blue"]), ENCODER, DecodeOptions(max_len=20)).save(path)
     loaded = load_bundle(path)
     assert loaded.max_len == 12 and loaded.vocab == VOCAB
     np.testing.assert_allclose(loaded.model((features, tokens)), expected, atol=1e-6)

@@ -1,0 +1,45 @@
+"""Where captioner finds and keeps things. The only module that reads its environment variables.
+
+    CAPTIONER_HOME   caches and converted encoder weights (default ~/.cache/captioner)
+    CAPTIONER_MODEL  the model bundle used when none is named (default: the shipped model)
+    CAPTIONER_DATA   the dataset folder used when none is named (default: data/flickr8k in the
+                     project's checkout, the folder the README says to unpack Flickr8k into)
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ASSETS = Path(__file__).parent / "assets"
+SHIPPED_MODEL = ASSETS / "models" / "default"
+CHECKOUT = Path(__file__).resolve().parents[1]  # the project folder for the README's `pip install -e .`
+
+
+def _setting(name: str, default: str | Path) -> Path:
+    return Path(os.environ.get(name) or default).expanduser()
+
+
+def home() -> Path:
+    """`$CAPTIONER_HOME`, default `~/.cache/captioner`."""
+    return _setting("CAPTIONER_HOME", "~/.cache/captioner")
+
+
+def feature_cache_dir() -> Path:
+    """Where encoded photos are cached: `$CAPTIONER_HOME/features`."""
+    return home() / "features"
+
+
+def encoder_weights_dir() -> Path:
+    """Where `scripts/convert_encoder_weights.py` writes encoder weights: `$CAPTIONER_HOME/encoders`."""
+    return home() / "encoders"
+
+
+def default_model() -> Path:
+    """The bundle used when none is named: `$CAPTIONER_MODEL`, else the shipped model."""
+    return _setting("CAPTIONER_MODEL", SHIPPED_MODEL)
+
+
+def default_data() -> Path:
+    """The dataset folder used when none is named: `$CAPTIONER_DATA`, else `data/flickr8k` of the
+    checkout (the same folder from the CLI in any directory and from the notebooks)."""
+    return _setting("CAPTIONER_DATA", CHECKOUT / "data" / "flickr8k")

@@ -1,0 +1,42 @@
+"""The TensorFlow runtime: a trained Keras decoder as the `StepModel` that decoding drives.
+
+`initial_state` and `step` are compiled once (`tf.function`); NumPy goes in and comes out,
+so the search itself (`captioner.decoding`) is the same whatever runtime runs the network.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from captioner.model import ShowAndTell
+from captioner.quiet_tensorflow import tf
+from captioner.text import Vocabulary
+
+
+class TensorFlowStep:
+    """A `StepModel` over a Keras `ShowAndTell`; it reads the model's live weights, so it also
+    decodes during training."""
+
+    def __init__(self, model: ShowAndTell):
+        self.model = model
+        # Never emit the tokens that are not words; <unk> is a word-shaped gap in a caption.
+        banned = np.zeros(model.vocab_size, np.float32)
+        banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
+        banned = tf.constant(banned)
+        # Lambdas, not bound methods: TF counts traces per function code, and several decoders in
+        # one process would otherwise set off its "frequent retracing" warning.
+        self._init = tf.function(lambda f: model.initial_state(f), reduce_retracing=True)
+        self._step = tf.function(
+            lambda tokens, states: _log_softmax_step(model, tokens, states, banned), reduce_retracing=True
+        )
+
+    def initial_state(self, features: np.ndarray) -> list[np.ndarray]:
+        return [s.numpy() for s in self._init(tf.constant(features, tf.float32))]
+
+    def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        log_probs, states = self._step(tf.constant(tokens, tf.int32), [tf.constant(s) for s in states])
+        return log_probs.numpy(), [s.numpy() for s in states]
+
+
+def _log_softmax_step(model: ShowAndTell, tokens, states, banned):
+    logits, states = model.step(tokens, states)
+    return tf.nn.log_softmax(logits + banned), states

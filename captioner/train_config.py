@@ -1,0 +1,53 @@
+"""Training settings: `TrainConfig`, the one source of their defaults, and the named presets.
+
+Kept free of TensorFlow so the command line can build its flags (one per field, with the
+field's help) and check them before anything heavy is imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+RNN_CELLS = ("lstm", "gru")
+
+
+def _setting(default, help: str, choices: tuple[str, ...] | None = None):
+    """A `TrainConfig` field; `help` and `choices` also make its `captioner train` flag."""
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that decides the trained model; saved in the bundle for reproducibility.
+    Presets are overrides of these defaults: `TrainConfig.preset("tiny", epochs=3)`."""
+
+    embed_dim: int = _setting(512, "word embedding size")
+    units: int = _setting(512, "RNN units")
+    num_layers: int = _setting(1, "stacked RNN layers")
+    dropout: float = _setting(0.5, "dropout rate")
+    rnn: str = _setting("lstm", "recurrent cell", RNN_CELLS)
+    min_count: int = _setting(5, "keep words seen at least this often")
+    max_len: int = _setting(30, "longest caption in words (training and the bundle's decoding default)")
+    epochs: int = _setting(20, "maximum epochs")
+    batch_size: int = _setting(64, "captions per step")
+    learning_rate: float = _setting(2e-3, "peak Adam learning rate")
+    warmup_epochs: float = _setting(0.5, "epochs of linear learning-rate warm-up")
+    clipnorm: float = _setting(5.0, "gradient norm clipping")
+    label_smoothing: float = _setting(0.0, "label smoothing of the loss")
+    patience: int = _setting(4, "early-stopping patience (epochs)")
+    monitor: str = _setting("bleu", "pick the best epoch by dev BLEU-4 (greedy) or dev loss", ("bleu", "loss"))
+    dev_images: int = _setting(1000, "dev images decoded for the per-epoch BLEU")
+    seed: int = _setting(0, "random seed")
+
+    @classmethod
+    def preset(cls, name: str, **overrides) -> TrainConfig:
+        if name not in PRESETS:
+            raise ValueError(f"--preset: unknown preset {name!r}; choose from {', '.join(PRESETS)}")
+        return replace(cls(), **{**PRESETS[name], **overrides})
+
+PRESETS: dict[str, dict] = {
+    # The shipped Flickr8k model (see docs/experiments.md for how it was chosen).
+    "default": dict(epochs=12, label_smoothing=0.1),
+    # Small and quick: the generated demo set, tests and notebooks.
+    "tiny": dict(embed_dim=64, units=128, dropout=0.1, min_count=1, max_len=20, epochs=15,
+                 batch_size=32, learning_rate=5e-3, patience=5, dev_images=200),
+}
