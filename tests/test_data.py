@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import logging
 import os
@@ -14,7 +15,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from captioner.data import SPLITS, CaptionDataset, DatasetError, load_dataset
+import captioner
+from captioner.data import (
+    SOURCE_HASH,
+    SOURCE_KARPATHY,
+    SOURCE_SHIPPED,
+    SOURCE_SPLIT_FILES,
+    SPLITS,
+    CaptionDataset,
+    DatasetError,
+    load_dataset,
+)
 
 BOGUS = "2258277193_586949ec62.jpg.1"
 
@@ -79,6 +90,7 @@ def test_flickr8k_reads_images_captions_and_splits(tmp_path):
     assert ds.captions["c.jpg"] == ["A café in the city \u2028 at night ."]
     assert all(p.is_absolute() and p.is_file() for p in ds.images.values())
     assert ds.splits == {"train": ["a.jpg", "b.jpg"], "dev": ["c.jpg"], "test": []}
+    assert ds.split_source == f"{SOURCE_SPLIT_FILES} (train, dev)"
 
 
 def test_flickr8k_reports_each_kind_of_skipped_entry_once(tmp_path):
@@ -169,6 +181,8 @@ def test_kaggle_splits_are_a_stable_hash_of_the_name(tmp_path):
     ds = load_dataset(make_kaggle(tmp_path / "small", names))
     assert sorted(sum(ds.splits.values(), [])) == sorted(ds.images)  # every image, exactly once
     assert 0.8 < len(ds.splits["train"]) / 200 < 0.97 and ds.splits["dev"] and ds.splits["test"]
+    assert ds.split_source == SOURCE_HASH and "not comparable" in ds.split_source
+    assert ds.describe()["name"] == "small"  # not Flickr8k: named after its folder
     bigger = load_dataset(make_kaggle(tmp_path / "big", names + [f"new{i}.jpg" for i in range(50)]))
     for split in SPLITS:
         assert [i for i in bigger.splits[split] if not i.startswith("new")] == ds.splits[split]
@@ -178,7 +192,61 @@ def test_kaggle_uses_flickr_split_files_when_present(tmp_path):
     root = make_kaggle(tmp_path, ["x.jpg", "y.jpg", "z.jpg"])
     write_text(root / "Flickr_8k.trainImages.txt", ["x.jpg", "y.jpg"])
     write_text(root / "Flickr_8k.testImages.txt", ["z.jpg"])
-    assert load_dataset(root).splits == {"train": ["x.jpg", "y.jpg"], "dev": [], "test": ["z.jpg"]}
+    ds = load_dataset(root)
+    assert ds.splits == {"train": ["x.jpg", "y.jpg"], "dev": [], "test": ["z.jpg"]}
+    assert ds.split_source == f"{SOURCE_SPLIT_FILES} (train, test)"
+
+
+def official_lists() -> dict[str, list[str]]:
+    """The Flickr8k split lists shipped with the package, read the way a user could read them."""
+    asset = Path(captioner.__file__).parent / "assets" / "splits" / "flickr8k.json.gz"
+    return json.loads(gzip.decompress(asset.read_bytes()))
+
+
+def flickr8k_names(n_train: int = 19) -> tuple[list[str], dict[str, list[str]]]:
+    """Some official Flickr8k names (train, then one dev, one test) and the splits they belong to."""
+    lists = official_lists()
+    expected = {"train": lists["train"][:n_train], "dev": lists["dev"][:1], "test": lists["test"][:1]}
+    return [name for split in SPLITS for name in expected[split]], expected
+
+
+def test_shipped_flickr8k_lists_are_the_official_split():
+    lists = official_lists()
+    sizes = {split: len(names) for split, names in lists.items()}
+    assert sizes == {"train": 6000, "dev": 1000, "test": 1000}
+    assert all(names == sorted(set(names)) for names in lists.values())  # sorted, no repeats
+    train, dev, test = (set(lists[s]) for s in SPLITS)
+    assert not (train & dev or train & test or dev & test)
+    assert "1000268201_693b08cb0e.jpg" in train and "3385593926_d3e9c21170.jpg" in test
+
+
+def test_kaggle_with_flickr8k_names_uses_the_official_split(tmp_path, caplog):
+    # the Kaggle re-pack has 91 photos in no official split: they stay in no split
+    names, expected = flickr8k_names()
+    extra = "9999999999_0123456789.jpg"
+    with caplog.at_level(logging.INFO, logger="captioner.data"):
+        ds = load_dataset(make_kaggle(tmp_path / "flickr8k-kaggle", names + [extra]))
+    assert ds.splits == expected and extra in ds.images
+    assert ds.split_source == SOURCE_SHIPPED
+    assert ds.describe()["name"] == "flickr8k"
+    info = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert len(info) == 1 and "kaggle layout" in info[0] and SOURCE_SHIPPED in info[0]
+
+
+def test_kaggle_with_a_few_flickr8k_names_keeps_the_hash_split(tmp_path):
+    names, _ = flickr8k_names(n_train=3)
+    ds = load_dataset(make_kaggle(tmp_path, names + [f"other{i}.jpg" for i in range(5)]))
+    assert ds.split_source == SOURCE_HASH
+    assert sorted(sum(ds.splits.values(), [])) == sorted(ds.images)
+
+
+def test_flickr8k_folder_without_split_files_uses_the_official_split(tmp_path):
+    names, expected = flickr8k_names()
+    for name in names:
+        write_image(tmp_path / "Flicker8k_Dataset" / name)
+    write_text(tmp_path / "Flickr8k_text" / "Flickr8k.token.txt", [f"{n}#0\tA photo ." for n in names])
+    ds = load_dataset(tmp_path)
+    assert ds.splits == expected and ds.split_source == SOURCE_SHIPPED
 
 
 def test_kaggle_bom_and_crlf(tmp_path):
@@ -237,7 +305,10 @@ def test_karpathy_paths_split_names_and_caption_text(tmp_path):
     assert ds.images["te.jpg"] == tmp_path.resolve() / "Flicker8k_Dataset" / "te.jpg"
     assert ds.images["val2014/coco.jpg"] == tmp_path.resolve() / "val2014" / "coco.jpg"
     assert ds.captions["tr.jpg"] == ["A cat .", "a pet"]  # tokens when raw is blank
-    problem(ds, "dataset_flickr8k.json", "2 captions of 1 image not found", "lost.jpg")
+    line = problem(ds, "dataset_flickr8k.json", "2 captions of 1 image not found", "lost.jpg")
+    assert f"searched {tmp_path.resolve()}/ and its Images/, images/, Flicker8k_Dataset/" in line
+    assert "flickr30k_images/flickr30k_images/" in line and "<filepath>/" in line and "images=" in line
+    assert ds.split_source == SOURCE_KARPATHY
     problem(ds, "dataset_flickr8k.json", "1 blank caption", "images[2].sentences[1]")
     problem(ds, "dataset_flickr8k.json", "1 image without a filename", "images[6]")
     assert len(ds.problems) == 3
@@ -259,7 +330,8 @@ def test_karpathy_odd_entries(tmp_path):
     (tmp_path / "dataset_x.json").write_text(json.dumps({"images": images}))
     ds = load_dataset(tmp_path)
     assert ds.captions == {"a.jpg": ["A ."]} and ds.splits == {s: [] for s in SPLITS}
-    problem(ds, "2 images with an unknown split", "'holdout'")
+    # sub/b.jpg has an unknown split too, but it is skipped (no captions) and reported for that alone
+    problem(ds, "1 image with an unknown split", "'holdout'")
     problem(ds, "1 image listed again", "a.jpg")
     problem(ds, "1 image without captions", "sub/b.jpg")
     assert len(ds.problems) == 3
@@ -291,11 +363,20 @@ def test_missing_root_and_unknown_layout(tmp_path):
         load_dataset(tmp_path, layout="coco")
 
 
-def test_forced_layout(tmp_path):
+def test_several_layouts_need_a_forced_layout(tmp_path, caplog):
     make_flickr8k(tmp_path)
     make_karpathy(tmp_path)
-    assert load_dataset(tmp_path).layout == "flickr8k"  # the most specific layout wins
-    assert load_dataset(tmp_path, layout="karpathy").layout == "karpathy"
+    with pytest.raises(DatasetError) as error:
+        load_dataset(tmp_path)
+    message = str(error.value)
+    assert "\n" not in message and "several dataset layouts" in message
+    assert "flickr8k (Flicker8k_Dataset/ + Flickr8k_text/Flickr8k.token.txt)" in message
+    assert "karpathy (dataset_flickr8k.json)" in message
+    assert "pass layout='flickr8k' or layout='karpathy'" in message and "--layout" in message
+    with caplog.at_level(logging.INFO, logger="captioner.data"):
+        assert load_dataset(tmp_path, layout="karpathy").layout == "karpathy"
+    assert "read as karpathy layout" in caplog.records[-1].getMessage()
+    assert load_dataset(tmp_path, "flickr8k").layout == "flickr8k"
     with pytest.raises(DatasetError, match="not a Kaggle Flickr folder"):
         load_dataset(tmp_path, layout="kaggle")
 
@@ -325,3 +406,119 @@ def test_loading_lists_the_image_folder_once_instead_of_a_stat_per_image(tmp_pat
     assert time.perf_counter() - start < 0.5
     assert len(ds) == len(ds.splits["train"]) == 1000 and not ds.problems
     assert len(stats) < 30, stats[:30]
+
+
+# ----------------------------------------------------------------------------- photo folders (images=)
+
+
+def karpathy_json(path: Path, entries: list[dict], dataset: str | None = None) -> Path:
+    data = {"images": entries, **({"dataset": dataset} if dataset else {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    "photo_dir", ["flickr30k-images", "flickr30k_images", "flickr30k_images/flickr30k_images"]
+)
+def test_karpathy_finds_flickr30k_photo_folders(tmp_path, photo_dir):
+    write_image(tmp_path / photo_dir / "1000092795.jpg")
+    entries = [{"filename": "1000092795.jpg", "split": "train", "sentences": [sentence("Two men .")]}]
+    karpathy_json(tmp_path / "dataset_flickr30k.json", entries, dataset="flickr30k")
+    ds = load_dataset(tmp_path)
+    assert ds.images["1000092795.jpg"] == tmp_path.resolve() / photo_dir / "1000092795.jpg"
+    assert ds.describe()["name"] == "flickr30k"
+
+
+def test_images_points_karpathy_entries_at_another_photo_folder(tmp_path):
+    # COCO: the JSON is downloaded on its own, the photos live in train2014/ and val2014/ elsewhere
+    write_image(tmp_path / "coco" / "val2014" / "COCO_val2014_000000391895.jpg")
+    write_image(tmp_path / "coco" / "train2014" / "COCO_train2014_000000057870.jpg")
+    write_image(tmp_path / "coco" / "plain.jpg")
+    entries = [
+        {"filepath": "val2014", "filename": "COCO_val2014_000000391895.jpg", "split": "val",
+         "sentences": [sentence("A man rides .")]},
+        {"filepath": "train2014", "filename": "COCO_train2014_000000057870.jpg", "split": "restval",
+         "sentences": [sentence("A table .")]},
+        {"filename": "plain.jpg", "split": "test", "sentences": [sentence("A plain photo .")]},
+    ]
+    json_path = karpathy_json(tmp_path / "karpathy" / "dataset_coco.json", entries, dataset="coco")
+    with pytest.raises(DatasetError, match=rf"not found \(searched {tmp_path.resolve()}/karpathy/"):
+        load_dataset(json_path)  # beside the JSON there are no photos: say where we looked
+    ds = load_dataset(json_path, images=tmp_path / "coco")
+    assert ds.splits == {
+        "train": ["train2014/COCO_train2014_000000057870.jpg"],
+        "dev": ["val2014/COCO_val2014_000000391895.jpg"],
+        "test": ["plain.jpg"],
+    }
+    assert ds.images["plain.jpg"] == tmp_path.resolve() / "coco" / "plain.jpg"
+    assert ds.root == tmp_path.resolve() / "karpathy" and ds.describe()["name"] == "coco"
+    with pytest.raises(DatasetError, match="no such folder"):
+        load_dataset(json_path, images=tmp_path / "nowhere")
+
+
+def test_images_missing_under_the_given_folder_name_it(tmp_path):
+    (tmp_path / "photos").mkdir()
+    entries = [{"filepath": "val2014", "filename": "x.jpg", "split": "val", "sentences": [sentence("A .")]}]
+    karpathy_json(tmp_path / "dataset_coco.json", entries)
+    with pytest.raises(DatasetError, match=rf"searched {tmp_path.resolve()}/photos/<filepath>/"):
+        load_dataset(tmp_path, images=tmp_path / "photos")
+
+
+def test_images_for_the_kaggle_and_flickr8k_layouts(tmp_path):
+    make_kaggle(tmp_path / "elsewhere", ["x.jpg", "y.jpg"])
+    (tmp_path / "data").mkdir()
+    (tmp_path / "elsewhere" / "captions.txt").rename(tmp_path / "data" / "captions.txt")
+    ds = load_dataset(tmp_path / "data", images=tmp_path / "elsewhere")
+    assert ds.layout == "kaggle" and sorted(ds.images) == ["x.jpg", "y.jpg"]
+    assert ds.images["x.jpg"] == tmp_path.resolve() / "elsewhere" / "Images" / "x.jpg"
+
+
+# ----------------------------------------------------------------------------- Karpathy without splits
+
+
+def test_karpathy_without_split_field_uses_the_official_flickr8k_split(tmp_path):
+    names, expected = flickr8k_names()
+    for name in names:
+        write_image(tmp_path / "Flicker8k_Dataset" / name)
+    entries = [{"filename": n, "sentences": [sentence("A photo .")]} for n in names]
+    entries.append({"filename": "lost.jpg", "sentences": [sentence("Gone .")]})  # no file: skipped
+    karpathy_json(tmp_path / "dataset_flickr8k.json", entries)
+    ds = load_dataset(tmp_path)
+    assert ds.splits == expected
+    assert ds.split_source == f"{SOURCE_SHIPPED}; the JSON has no 'split' field"
+    problem(ds, "1 caption of 1 image not found", "lost.jpg")
+    assert len(ds.problems) == 1  # no "unknown split" line, and no count of skipped entries in it
+
+
+def test_karpathy_without_split_field_falls_back_to_the_hash(tmp_path):
+    names = [f"{i:04d}.jpg" for i in range(60)]
+    for name in names:
+        write_image(tmp_path / "images" / name)
+    entries = [{"filename": n, "sentences": [sentence("A photo .")]} for n in names]
+    entries[0]["split"] = "test"  # one entry has a split: kept, and the source says both
+    karpathy_json(tmp_path / "dataset_x.json", entries)
+    ds = load_dataset(tmp_path)
+    assert sorted(sum(ds.splits.values(), [])) == names and ds.splits["train"]  # trainable
+    assert "0000.jpg" in ds.splits["test"]
+    assert ds.split_source == f"{SOURCE_KARPATHY}; 59 images without one: {SOURCE_HASH}"
+    assert not ds.problems
+
+
+# ----------------------------------------------------------------------------- describe
+
+
+def test_describe_names_the_data_without_a_machine_path(tmp_path):
+    make_karpathy(tmp_path)
+    description = load_dataset(tmp_path).describe()
+    assert description == {
+        "name": "flickr8k",  # the JSON's "dataset" field
+        "layout": "karpathy",
+        "split_source": SOURCE_KARPATHY,
+        "images": {"train": 2, "dev": 2, "test": 1, "unsplit": 0},
+    }
+    assert str(tmp_path) not in json.dumps(description)
+    flickr = load_dataset(make_flickr8k(tmp_path / "f8k")).describe()
+    assert flickr["name"] == "flickr8k"
+    assert flickr["images"] == {"train": 2, "dev": 1, "test": 0, "unsplit": 1}
+    assert load_dataset(tmp_path / "f8k").subset("train").describe()["images"]["train"] == 2
