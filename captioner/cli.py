@@ -47,8 +47,14 @@ def _model_option(p: argparse.ArgumentParser) -> None:
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
+    from captioner.data import LAYOUTS
+
     p.add_argument("--data", metavar="DIR", help="dataset folder (Flickr8k, Kaggle or Karpathy layout; "
                    "default: $CAPTIONER_DATA or data/flickr8k)")
+    p.add_argument("--layout", choices=("auto", *LAYOUTS), default="auto",
+                   help="which layout to read when the folder holds several (default: the one found)")
+    p.add_argument("--images", metavar="DIR", help="the photos' folder, when not beside the captions "
+                   "(e.g. COCO's, holding train2014/ and val2014/)")
 
 
 def _encoder_options(p: argparse.ArgumentParser) -> None:
@@ -227,7 +233,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
     from captioner.features import FeatureCache, extract_features
 
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.layout, args.images)
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
     encoder = _encoder(args)
     cache = FeatureCache(encoder.describe(), _cache_dir(args))
@@ -249,7 +255,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     config = TrainConfig.preset(args.preset, **overrides)
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.layout, args.images)
     bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args))
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "
@@ -262,7 +268,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
     from captioner.evaluation import evaluate
 
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data, args.layout, args.images)
     captioner = Captioner.load(args.model, args.encoder_weights, cache_dir=_cache_dir(args))
     report = evaluate(captioner, dataset, args.split, decode_options(args, captioner.options),
                       limit=args.limit, coco=not args.no_coco, output=args.output)

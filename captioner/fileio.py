@@ -75,11 +75,10 @@ def atomic_save(path: str | Path, save: Callable[[Path], None], suffix: str = ""
 def sha256_file(path: str | Path) -> str:
     """The hex SHA-256 of a regular file's bytes (remembered while its size and time stamp stay
     the same); OSError for anything else, since reading a FIFO or a device could block forever."""
-    path = Path(path).resolve()
-    info = path.stat()
+    info = os.stat(path)  # OSError for a missing file or a symlink loop, before anything else
     if not stat.S_ISREG(info.st_mode):
         raise OSError(f"{path}: not a regular file")
-    return _sha256(path, info.st_size, info.st_mtime_ns)
+    return _sha256(Path(os.path.realpath(path)), info.st_size, info.st_mtime_ns)
 
 
 @lru_cache(maxsize=64)

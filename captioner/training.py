@@ -202,9 +202,9 @@ def train(
                   loss=MaskedCrossEntropy(config.label_smoothing))
 
     def make_bundle(best: dict) -> Bundle:
-        info = {"train_config": asdict(config), "dataset": {"name": dataset.root.name, "layout": dataset.layout,
-                "train_images": len(train_ids), "dev_images": len(dev_ids)},
-                "best": best, "train_seconds": round(timer.total, 1)}
+        # The dataset as described, not where it lay on the trainer's machine.
+        info = {"train_config": asdict(config), "dataset": {**dataset.describe(), "train_images": len(train_ids),
+                "dev_images": len(dev_ids)}, "best": best, "train_seconds": round(timer.total, 1)}
         return Bundle(model, vocab, encoder.describe(), DecodeOptions(max_len=config.max_len), info)
 
     timer = EpochTimer(output / "history.csv")

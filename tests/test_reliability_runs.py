@@ -118,7 +118,7 @@ def test_bundle_save_crashing_mid_write_keeps_the_old_bundle(tmp_path, monkeypat
     with pytest.raises(Crash):
         Bundle(new, Vocabulary([*VOCAB.words, "blue"]), ENCODER, DecodeOptions(max_len=20)).save(path)
     loaded = load_bundle(path)
-    assert loaded.max_len == 12 and loaded.vocab == VOCAB
+    assert loaded.decoding.max_len == 12 and loaded.vocab == VOCAB
     np.testing.assert_allclose(loaded.model((features, tokens)), expected, atol=1e-6)
     assert leftovers(tmp_path, {"model"}) == []
 
@@ -190,7 +190,7 @@ def test_damaged_cache_entry_is_detected_and_recomputed(tmp_path, damage):
     assert leftovers(entry.parent, {entry.name}) == []
 
 
-def test_cache_put_crashing_mid_write_leaves_no_entry(tmp_path, monkeypatch):
+def test_cache_put_crashing_mid_write_leaves_no_entry(tmp_path, monkeypatch, caplog):
     cache = FeatureCache(IDENTITY, tmp_path)
     cache.put("ab" * 20, np.ones(3, np.float32))
     real = np.save
@@ -202,10 +202,10 @@ def test_cache_put_crashing_mid_write_leaves_no_entry(tmp_path, monkeypatch):
         raise Crash("killed")
 
     monkeypatch.setattr(np, "save", torn)
-    with pytest.raises(Crash):
-        cache.put("ab" * 20, np.zeros(3, np.float32))  # replacing an entry
-    with pytest.raises(Crash):
-        cache.put("cd" * 20, np.zeros(3, np.float32))  # a new entry
+    cache.put("ab" * 20, np.zeros(3, np.float32))  # replacing an entry
+    cache.put("cd" * 20, np.zeros(3, np.float32))  # a new entry
+    # the cache is a help: a failed write is logged, and the run goes on
+    assert sum("feature cache: could not write" in r.getMessage() for r in caplog.records) == 2
     monkeypatch.undo()
     fresh = FeatureCache(IDENTITY, tmp_path)
     np.testing.assert_array_equal(fresh.get("ab" * 20), np.ones(3))
@@ -376,3 +376,20 @@ def test_killed_training_resumes_from_its_last_epoch(tmp_path):
     logged = sum(float(r["seconds"]) for r in history if int(r["epoch"]) < best)
     assert bundle.info["train_seconds"] == pytest.approx(logged, abs=0.05 * EPOCHS) and logged > 0
     assert leftovers(run, {"model", "history.csv"}) == []
+
+
+def test_a_fifo_or_folder_planted_in_the_cache_is_skipped(tmp_path):
+    """A cache entry that is a named pipe would block np.load forever; a folder in an entry's place
+    would stop every write. Both are treated as missing, and encoding goes on."""
+    cache = FeatureCache(IDENTITY, tmp_path)
+    pipe_key, dir_key = "ab" * 20, "cd" * 20
+    cache.put(pipe_key, np.ones(3, np.float32))
+    entry = cache._path(pipe_key)
+    entry.unlink()
+    os.mkfifo(entry)
+    cache._path(dir_key).parent.mkdir(parents=True, exist_ok=True)
+    cache._path(dir_key).mkdir()
+    fresh = FeatureCache(IDENTITY, tmp_path)
+    assert fresh.get(pipe_key) is None and fresh.get(dir_key) is None  # returns at once
+    fresh.put(dir_key, np.ones(3, np.float32))  # logged, not raised
+    np.testing.assert_array_equal(fresh.get(dir_key), np.ones(3))  # still served from memory
