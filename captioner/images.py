@@ -13,6 +13,27 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The only Pillow plugins a file is handed to, whatever its name. Pillow knows ~40 formats; some
+# run external programs on the file (EPS: Ghostscript) or are rarely exercised parsers, so an
+# upload is never offered to them. "JPEG" also opens the phone JPEGs Pillow calls MPO (extra
+# preview frames): they share one plugin, and Pillow has no separate "MPO" opener to list.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+_SUPPORTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+# Magic numbers of formats people do try to caption, to name them in the refusal. Read by us,
+# never by Pillow: its plugin for the format must not parse an untrusted file.
+_REFUSED_MAGIC = (
+    (b"%!PS", "an EPS/PostScript file"),
+    (b"\xc5\xd0\xd3\xc6", "an EPS/PostScript file"),  # DOS EPS binary header
+    (b"%PDF", "a PDF file"),
+    (b"8BPS", "a Photoshop (PSD) file"),
+    (b"\x00\x00\x01\x00", "an icon (ICO) file"),
+    (b"icns", "a macOS icon (ICNS) file"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 file"),
+    (b"\xffO\xffQ", "a JPEG 2000 file"),  # bare codestream
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL file"),
+)
+_HEIF_BRANDS = {b"heic": "a HEIC file", b"heix": "a HEIC file", b"heim": "a HEIC file", b"heis": "a HEIC file",
+                b"mif1": "a HEIF file", b"msf1": "a HEIF file", b"avif": "an AVIF file", b"avis": "an AVIF file"}
 # Pillow's own bomb limit is a warning up to 2x; make anything above it an error instead.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 _OPEN_LOCK = threading.Lock()
@@ -58,7 +79,7 @@ def _open(path: Path) -> Image.Image:
         # take turns; only the header is read here, decoding below runs in parallel.
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
-            image = Image.open(path)
+            image = Image.open(path, formats=ALLOWED_FORMATS)
         if image.width * image.height > MAX_PIXELS:  # before a single pixel is decoded
             raise ImageError(name, f"image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
         image.load()
@@ -72,9 +93,27 @@ def _open(path: Path) -> Image.Image:
     except MemoryError:
         raise ImageError(name, "not enough memory to decode it") from None
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image Pillow can read") from None
+        raise ImageError(name, _unsupported(path)) from None
     except Exception as e:  # noqa: BLE001 - corrupt data makes Pillow's decoders raise almost anything
         raise ImageError(name, f"corrupt or truncated image ({_reason(e)})") from None
+
+
+def _unsupported(path: Path) -> str:
+    """Why no allowed plugin took the file, from its first bytes (which only we read)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    for fmt in ALLOWED_FORMATS:  # a supported format's signature, but a header its plugin rejected
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        if accept is not None and accept(head) is True:
+            return f"corrupt or truncated image (unreadable {'WebP' if fmt == 'WEBP' else fmt} header)"
+    kind = next((kind for magic, kind in _REFUSED_MAGIC if head.startswith(magic)), None)
+    if kind is None and head[4:8] == b"ftyp":  # ISO media file: HEIC, AVIF (or a video)
+        kind = _HEIF_BRANDS.get(head[8:12])
+    reason = f"not a supported image format ({_SUPPORTED})"
+    return f"{kind}, {reason}" if kind else reason
 
 
 def _reason(error: Exception) -> str:

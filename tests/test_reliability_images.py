@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
 PHOTO = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
 OK = None  # expected reason of a file that must load
+UNSUPPORTED = "not a supported image format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -90,8 +91,12 @@ def make_corpus(folder: Path) -> dict[str, str | None]:
     files: dict[str, tuple[bytes | None, str | None]] = {
         "zero-bytes.jpg": (b"", "empty file (0 bytes)"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "corrupt or truncated image"),
-        "random-bytes.jpg": (RNG.bytes(4096), "not an image Pillow can read"),
-        "text-file.jpg": (b"Shopping list:\n- milk\n- eggs\n", "not an image Pillow can read"),
+        "random-bytes.jpg": (RNG.bytes(4096), UNSUPPORTED),
+        "text-file.jpg": (b"Shopping list:\n- milk\n- eggs\n", UNSUPPORTED),
+        # formats Pillow knows but is never asked to open (EPS would run Ghostscript on the file)
+        "postscript.jpg": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nshowpage\n",
+                           f"an EPS/PostScript file, {UNSUPPORTED}"),
+        "iphone.jpg": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + RNG.bytes(200), f"a HEIC file, {UNSUPPORTED}"),
         "alpha.png": (_encoded(Image.fromarray(np.dstack([PHOTO, PHOTO[..., :1]]), "RGBA"), "PNG"), OK),
         "palette.png": (_encoded(photo.convert("P"), "PNG"), OK),
         "grayscale.png": (_encoded(photo.convert("L"), "PNG"), OK),
@@ -140,7 +145,7 @@ def check_one_line_error(error: ImageError, path: Path, reason: str) -> None:
 
 def test_corpus_has_every_case_of_the_issue(corpus):
     _, expected = corpus
-    assert len(expected) == 22
+    assert len(expected) == 24
     assert sum(reason is OK for reason in expected.values()) >= 9
 
 
