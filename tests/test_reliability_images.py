@@ -173,19 +173,38 @@ def test_odd_formats_keep_their_content(corpus):
     assert abs(int(deep.max()) - int(PHOTO[..., 0].max())) <= 1  # not clipped to white
 
 
-def _peak_rss_loading(path: Path) -> dict:
+def _peak_rss_loading(path: Path, size: int | None = None) -> dict:
     script = (
         "import json, sys, time\n"
         "from captioner.images import ImageError, load_image\n"
-        "start = time.perf_counter()\n"
-        "try:\n    load_image(sys.argv[1]); error = None\n"
+        "def peak():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) / 1024\n"
+        "base, start = peak(), time.perf_counter()\n"
+        "try:\n    load_image(sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None); error = None\n"
         "except ImageError as e:\n    error = e.reason\n"
-        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-        "print(json.dumps({'error': error, 'seconds': time.perf_counter() - start, 'peak_mb': int(peak) / 1024}))\n"
+        "print(json.dumps({'error': error, 'seconds': time.perf_counter() - start, 'peak_mb': peak(),\n"
+        "                  'base_mb': base}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(size or "")], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     return json.loads(out.stdout)
+
+
+# Pillow keeps RGB as 4 bytes a pixel: a 12 MP photo is 48 MB decoded, a 6000x6000 PNG 144 MB.
+@pytest.mark.parametrize("kind, full_mb, budget_mb", [("jpeg", 48, 12), ("png", 144, 190)])
+def test_memory_follows_the_encoder_size_not_the_photo(tmp_path, kind, full_mb, budget_mb):
+    # Before: a 12 MP JPEG peaked at +139 MB, the PNG at +430 MB (decoded, copied by the EXIF step,
+    # copied again by the RGB conversion). Now the JPEG is decoded at 1/8 scale (+3 MB) and the PNG
+    # is averaged down right after decoding (about one decoded copy).
+    if kind == "jpeg":
+        path = tmp_path / "phone.jpg"
+        Image.fromarray(PHOTO).resize((4000, 3000), Image.Resampling.BICUBIC).save(path, quality=90)
+    else:
+        path = tmp_path / "scan.png"
+        path.write_bytes(png_bytes(6000, 6000, bit_depth=8, colour_type=2))
+    result = _peak_rss_loading(path, size=224)
+    assert result["error"] is None, result
+    assert result["peak_mb"] - result["base_mb"] < budget_mb, result  # budget_mb vs full_mb decoded
 
 
 @pytest.mark.parametrize("side", [20000, 12000])
