@@ -121,7 +121,7 @@ def _unsupported(path: Path) -> str:
     kind = next((kind for magic, kind in _REFUSED_MAGIC if head.startswith(magic)), None)
     if kind is None and head[4:8] == b"ftyp":  # ISO media file: HEIC, AVIF (or a video)
         kind = _HEIF_BRANDS.get(head[8:12])
-    reason = f"not a supported image format ({_SUPPORTED})"
+    reason = f"not an image in a supported format ({_SUPPORTED})"
     return f"{kind}, {reason}" if kind else reason
 
 

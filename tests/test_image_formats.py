@@ -15,7 +15,7 @@ from PIL import EpsImagePlugin, Image
 
 from captioner.images import ALLOWED_FORMATS, IMAGE_SUFFIXES, ImageError, load_image
 
-SUPPORTED = "not a supported image format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
+SUPPORTED = "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
 PHOTO = np.random.default_rng(5).integers(0, 256, (24, 32, 3), dtype=np.uint8)
 EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 32 24\n%%EndComments\nnewpath 0 0 moveto 32 24 lineto stroke\nshowpage\n%%EOF\n"
 
@@ -104,7 +104,7 @@ def test_refusals_name_the_format_from_its_magic_bytes(tmp_path, foreign_plugins
                                        (b"\x89PNG\r\n\x1a\n" + b"\0" * 30, "PNG"),
                                        (b"RIFF\0\0\0\0WEBPVP8 " + b"\0" * 8, "WebP")])
 def test_a_supported_format_with_a_broken_header_is_called_corrupt(tmp_path, data, fmt):
-    # not "not a supported format": the user would answer "but it is a JPEG"
+    # not "not an image in a supported format": the user would answer "but it is a JPEG"
     path = tmp_path / "photo.jpg"
     path.write_bytes(data)
     with pytest.raises(ImageError) as info:

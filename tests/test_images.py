@@ -194,7 +194,7 @@ def test_in_memory_images_are_size_checked():
     "name, make, reason",
     [
         ("zero.jpg", lambda p: p.write_bytes(b""), "empty file"),
-        ("text.jpg", lambda p: p.write_text("not a photo\n"), "not a supported image format"),
+        ("text.jpg", lambda p: p.write_text("not a photo\n"), "not an image in a supported format"),
         ("dir.jpg", lambda p: p.mkdir(), "is a directory"),
         ("missing.jpg", lambda p: None, "no such file"),
         ("trunc.png", lambda p: p.write_bytes(_png_bytes()[:60]), "corrupt or truncated"),

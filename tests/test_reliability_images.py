@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
 PHOTO = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
 OK = None  # expected reason of a file that must load
-UNSUPPORTED = "not a supported image format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
+UNSUPPORTED = "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
