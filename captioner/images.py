@@ -10,11 +10,36 @@ from pathlib import Path
 from typing import Union
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"})
+# The only Pillow plugins a file is handed to, whatever its name. Pillow knows ~40 formats; some
+# run external programs on the file (EPS: Ghostscript) or are rarely exercised parsers, so an
+# upload is never offered to them. "JPEG" also opens the phone JPEGs Pillow calls MPO (extra
+# preview frames): they share one plugin, and Pillow has no separate "MPO" opener to list.
+ALLOWED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF")
+_SUPPORTED = "JPEG, PNG, WebP, BMP, GIF or TIFF"
+# Magic numbers of formats people do try to caption, to name them in the refusal. Read by us,
+# never by Pillow: its plugin for the format must not parse an untrusted file.
+_REFUSED_MAGIC = (
+    (b"%!PS", "an EPS/PostScript file"),
+    (b"\xc5\xd0\xd3\xc6", "an EPS/PostScript file"),  # DOS EPS binary header
+    (b"%PDF", "a PDF file"),
+    (b"8BPS", "a Photoshop (PSD) file"),
+    (b"\x00\x00\x01\x00", "an icon (ICO) file"),
+    (b"icns", "a macOS icon (ICNS) file"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "a JPEG 2000 file"),
+    (b"\xffO\xffQ", "a JPEG 2000 file"),  # bare codestream
+    (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "a JPEG XL file"),
+)
+_HEIF_BRANDS = {b"heic": "a HEIC file", b"heix": "a HEIC file", b"heim": "a HEIC file", b"heis": "a HEIC file",
+                b"mif1": "a HEIF file", b"msf1": "a HEIF file", b"avif": "an AVIF file", b"avis": "an AVIF file"}
 # Pillow's own bomb limit is a warning up to 2x; make anything above it an error instead.
+# The default of `load_image(max_pixels=...)`: a caller with less memory to spare passes less.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Modes `Image.reduce` cannot average (palette indices, bits, 16-bit), and what to_rgb would
+# turn them into anyway.
+_REDUCE_AS = {"1": "L", "P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
 _OPEN_LOCK = threading.Lock()
 
 ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
@@ -37,7 +62,7 @@ def describe_source(source: ImageSource) -> str:
     return "<array>" if isinstance(source, np.ndarray) else f"<{type(source).__name__}>"
 
 
-def _open(path: Path) -> Image.Image:
+def _open(path: Path, size: int | None, max_pixels: int) -> Image.Image:
     name = str(path)
     try:
         info = path.stat()
@@ -58,23 +83,46 @@ def _open(path: Path) -> Image.Image:
         # take turns; only the header is read here, decoding below runs in parallel.
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
-            image = Image.open(path)
-        if image.width * image.height > MAX_PIXELS:  # before a single pixel is decoded
-            raise ImageError(name, f"image too large ({image.width}x{image.height}, over {MAX_PIXELS:,} pixels)")
+            image = Image.open(path, formats=ALLOWED_FORMATS)
+        _check_pixels(image, name, max_pixels)  # before a single pixel is decoded
+        if size is not None and image.format in ("JPEG", "MPO"):
+            # libjpeg can decode at 1/2, 1/4 or 1/8 scale, for a fraction of the time and memory
+            # (a 12 MP photo: 48 MB -> 0.75 MB). draft picks the smallest scale that keeps both
+            # sides >= size, so the final squash never enlarges; pixels differ from a full decode
+            # followed by the resize by about 1 level in 255 on average (tests/test_images.py).
+            image.draft("RGB", (size, size))
         image.load()
         return image
     except ImageError:
         raise
     except PermissionError:
         raise ImageError(name, "permission denied") from None
-    except Image.DecompressionBombError:
-        raise ImageError(name, f"image too large (over {MAX_PIXELS:,} pixels)") from None
+    except Image.DecompressionBombError:  # over twice Pillow's limit: it refuses before we see the size
+        raise ImageError(name, f"image too large (over {min(max_pixels, 2 * MAX_PIXELS):,} pixels)") from None
     except MemoryError:
         raise ImageError(name, "not enough memory to decode it") from None
     except UnidentifiedImageError:
-        raise ImageError(name, "not an image Pillow can read") from None
+        raise ImageError(name, _unsupported(path)) from None
     except Exception as e:  # noqa: BLE001 - corrupt data makes Pillow's decoders raise almost anything
         raise ImageError(name, f"corrupt or truncated image ({_reason(e)})") from None
+
+
+def _unsupported(path: Path) -> str:
+    """Why no allowed plugin took the file, from its first bytes (which only we read)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(16)
+    except OSError:
+        head = b""
+    for fmt in ALLOWED_FORMATS:  # a supported format's signature, but a header its plugin rejected
+        accept = Image.OPEN.get(fmt, (None, None))[1]
+        if accept is not None and accept(head) is True:
+            return f"corrupt or truncated image (unreadable {'WebP' if fmt == 'WEBP' else fmt} header)"
+    kind = next((kind for magic, kind in _REFUSED_MAGIC if head.startswith(magic)), None)
+    if kind is None and head[4:8] == b"ftyp":  # ISO media file: HEIC, AVIF (or a video)
+        kind = _HEIF_BRANDS.get(head[8:12])
+    reason = f"not an image in a supported format ({_SUPPORTED})"
+    return f"{kind}, {reason}" if kind else reason
 
 
 def _reason(error: Exception) -> str:
@@ -82,18 +130,49 @@ def _reason(error: Exception) -> str:
     return text or type(error).__name__
 
 
-def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
-    """Upright 8-bit RGB from any mode: EXIF rotation, palette, alpha (on white), 16-bit, CMYK."""
+def _check_pixels(image: Image.Image, name: str, max_pixels: int) -> None:
     if image.width == 0 or image.height == 0:
         raise ImageError(name, "image has no pixels")
-    if image.width * image.height > MAX_PIXELS:
-        raise ImageError(name, f"image too large ({image.width}x{image.height} pixels)")
+    if image.width * image.height > max_pixels:
+        raise ImageError(name, f"image too large ({image.width}x{image.height}, over {max_pixels:,} pixels)")
+
+
+def _upright(image: Image.Image, name: str, max_pixels: int) -> Image.Image:
+    """The first frame, turned as its EXIF orientation says; refuses an oversized image first."""
+    _check_pixels(image, name, max_pixels)
     if getattr(image, "n_frames", 1) > 1:
         image.seek(0)  # animated GIF/WebP: caption the first frame
     try:
-        image = ImageOps.exif_transpose(image)
+        # Only when rotated: exif_transpose copies even an upright image.
+        if image.getexif().get(ExifTags.Base.Orientation, 1) != 1:
+            image = ImageOps.exif_transpose(image)
     except Exception:  # noqa: BLE001 - a broken EXIF block must not lose an otherwise good photo
         pass
+    return image
+
+
+def _shrink(image: Image.Image, size: int) -> tuple[Image.Image, tuple[float, float, float, float] | None]:
+    """Average blocks of pixels away while both sides stay >= 3 * size, so the mode conversions
+    copy a small image; also returns the box the final resize must read.
+
+    These are the factors `resize(..., reducing_gap=3.0)` reduces by itself, and with the box
+    (which leaves out the padding of a partial last block) the result is the same as resizing
+    the full image.
+    """
+    factor = (max(image.width // (3 * size), 1), max(image.height // (3 * size), 1))
+    if factor == (1, 1):
+        return image, None
+    box = (0.0, 0.0, image.width / factor[0], image.height / factor[1])
+    try:
+        if image.mode in _REDUCE_AS:  # (convert copies even to the same mode)
+            image = image.convert(_REDUCE_AS[image.mode])
+        return image.reduce(factor), box
+    except ValueError:  # a rare decoder mode reduce cannot average: convert it at full size
+        return image, None
+
+
+def _rgb(image: Image.Image) -> Image.Image:
+    """8-bit RGB from any mode: palette, alpha (on white), 16-bit, 32-bit, float, CMYK."""
     if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit, 32-bit and float: stretch to 8 bits
         a = np.asarray(image, dtype=np.float64)
         image = Image.fromarray(np.clip(a / max(a.max(), 1.0) * 255.0, 0, 255).astype(np.uint8))
@@ -106,10 +185,18 @@ def to_rgb(image: Image.Image, name: str = "<PIL image>") -> Image.Image:
     return image.convert("RGB")
 
 
-def load_image(source: ImageSource, size: int | None = None) -> np.ndarray:
+def to_rgb(image: Image.Image, name: str = "<PIL image>", max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Upright 8-bit RGB from any mode: EXIF rotation, palette, alpha (on white), 16-bit, CMYK."""
+    return _rgb(_upright(image, name, max_pixels))
+
+
+def load_image(source: ImageSource, size: int | None = None, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """Return an upright uint8 RGB array, squashed to `size` x `size` when given.
 
-    Raises `ImageError` ("<file>: <reason>") for anything that is not a usable photo.
+    A photo of more than `max_pixels` is refused (a file: from its header, before decoding).
+    With `size`, JPEGs are decoded at reduced scale and other images averaged down early, so
+    memory follows `size` more than the photo. Raises `ImageError` ("<file>: <reason>") for
+    anything that is not a usable photo.
     """
     name = describe_source(source)
     if isinstance(source, np.ndarray):
@@ -117,15 +204,19 @@ def load_image(source: ImageSource, size: int | None = None) -> np.ndarray:
     elif isinstance(source, Image.Image):
         image = source
     elif isinstance(source, (str, os.PathLike)):
-        image = _open(Path(source))
+        image = _open(Path(source), size, max_pixels)
     else:
         raise ImageError(name, f"unsupported source type {type(source).__name__} (give a path, PIL image or array)")
     try:
-        image = to_rgb(image, name)
+        image = _upright(image, name, max_pixels)
+        box = None
+        if size is not None:
+            image, box = _shrink(image, size)  # before the conversions, which copy the image
+        image = _rgb(image)
         if size is not None and image.size != (size, size):
             # Squash rather than crop: Flickr8k training copies are squashed, and a crop
             # could cut off what the caption should mention.
-            image = image.resize((size, size), Image.Resampling.BICUBIC, reducing_gap=3.0)
+            image = image.resize((size, size), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
         return np.asarray(image, dtype=np.uint8)
     except ImageError:
         raise

@@ -1,14 +1,18 @@
 """Unit tests of captioner/images.py: every input becomes an upright uint8 RGB array or an ImageError."""
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageFile, JpegImagePlugin
 
-from captioner.images import IMAGE_SUFFIXES, ImageError, describe_source, iter_image_files, load_image, to_rgb
+from captioner.images import (
+    IMAGE_SUFFIXES, MAX_PIXELS, ImageError, describe_source, iter_image_files, load_image, to_rgb,
+)
 
 RNG = np.random.default_rng(0)
 PHOTO = RNG.integers(0, 256, (12, 20, 3), dtype=np.uint8)  # not square: a rotation changes the shape
+EXAMPLES = Path(__file__).resolve().parents[1] / "data" / "examples"
 
 
 def saved(image: Image.Image, path, **kwargs):
@@ -190,7 +194,7 @@ def test_in_memory_images_are_size_checked():
     "name, make, reason",
     [
         ("zero.jpg", lambda p: p.write_bytes(b""), "empty file"),
-        ("text.jpg", lambda p: p.write_text("not a photo\n"), "not an image"),
+        ("text.jpg", lambda p: p.write_text("not a photo\n"), "not an image in a supported format"),
         ("dir.jpg", lambda p: p.mkdir(), "is a directory"),
         ("missing.jpg", lambda p: None, "no such file"),
         ("trunc.png", lambda p: p.write_bytes(_png_bytes()[:60]), "corrupt or truncated"),
@@ -231,3 +235,123 @@ def test_iter_image_files(tmp_path):
 def test_unsupported_source_types(source):
     with pytest.raises(ImageError, match=f"^<{type(source).__name__}>: unsupported source type"):
         load_image(source)
+
+
+# --- memory follows the encoder's size, not the photo's (security review, item 7) ---
+
+def full_decode(path) -> np.ndarray:
+    """The photo decoded at full size, as the loader did before it decoded JPEGs at reduced scale."""
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture
+def jpeg_decodes(monkeypatch) -> list[tuple[int, int]]:
+    """The size each JPEG is decoded at (after any draft)."""
+    sizes: list[tuple[int, int]] = []
+    real_load = JpegImagePlugin.JpegImageFile.load
+
+    def load(self):
+        if self.tile:  # not yet decoded
+            sizes.append(self.size)
+        return real_load(self)
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    return sizes
+
+
+def test_a_12_megapixel_jpeg_is_decoded_at_an_eighth(tmp_path, jpeg_decodes):
+    path = tmp_path / "phone.jpg"
+    Image.open(EXAMPLES / "astronaut.jpg").resize((4000, 3000), Image.Resampling.BICUBIC).save(path, quality=90)
+    before = load_image(full_decode(path), 224)
+    jpeg_decodes.clear()
+    out = load_image(path, 224)
+    assert jpeg_decodes == [(500, 375)]  # 1/8 scale, 0.2 MP instead of 12 MP; both sides still >= 224
+    assert out.shape == (224, 224, 3) and out.dtype == np.uint8
+    assert np.abs(out.astype(int) - before).mean() < 3  # measured 0.4 (of 255)
+
+
+@pytest.mark.parametrize("shape, size, decoded", [
+    ((1000, 300), 224, (1000, 300)),   # the short side is already near size: no scaling
+    ((2000, 1000), 224, (500, 250)),   # 1/4: 1/8 would leave 125 < 224 rows
+    ((900, 900), 224, (225, 225)),     # 1/4, with one row to spare
+    ((600, 500), 224, (300, 250)),     # 1/2
+    ((4000, 3000), 299, (500, 375)),   # another encoder's size
+])
+def test_draft_never_leaves_a_side_below_size(tmp_path, jpeg_decodes, shape, size, decoded):
+    path = saved(Image.new("RGB", shape, (30, 140, 60)), tmp_path / "a.jpg")
+    out = load_image(path, size)
+    assert jpeg_decodes == [decoded] and out.shape == (size, size, 3)
+    assert np.abs(out.astype(int) - (30, 140, 60)).max() <= 3
+
+
+def test_a_normal_photo_barely_changes(jpeg_decodes):
+    # The shipped example is 500x500: at 224 it is now decoded at half size. The squashed
+    # result differs from a full decode by ~1 level in 255 on average (DCT scaling is a
+    # slightly different low-pass than Pillow's bicubic reduction).
+    path = EXAMPLES / "astronaut.jpg"
+    before = load_image(full_decode(path), 224).astype(int)
+    jpeg_decodes.clear()
+    out = load_image(path, 224).astype(int)
+    assert jpeg_decodes == [(250, 250)]
+    assert np.abs(out - before).mean() < 3  # measured 1.23
+    np.testing.assert_array_equal(load_image(path), full_decode(path))  # no size: full resolution
+
+
+def test_no_size_means_no_reduced_decoding(tmp_path, jpeg_decodes):
+    path = saved(Image.new("RGB", (2000, 1000)), tmp_path / "a.jpg")
+    assert load_image(path).shape == (1000, 2000, 3) and jpeg_decodes == [(2000, 1000)]
+
+
+def test_exif_rotated_big_jpeg_is_upright_after_reduced_decoding(tmp_path):
+    upright = np.zeros((1600, 1200, 3), np.uint8)
+    upright[:400] = (255, 255, 255)  # sky at the top
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path = saved(Image.fromarray(np.ascontiguousarray(np.rot90(upright, 1))), tmp_path / "phone.jpg",
+                 exif=exif, quality=95)
+    out = load_image(path, 64).astype(int)
+    assert out[:12].min() > 240 and out[20:].max() < 15  # top quarter white, the rest black
+
+
+@pytest.mark.parametrize("shape", [(2001, 1499), (1499, 2001), (1800, 1200)])
+def test_big_lossless_images_are_averaged_down_early_with_the_same_result(tmp_path, shape):
+    # PNG has no reduced decoding, but averaging blocks before the mode conversions keeps their
+    # copies small; the factors and box are those the final resize used, so no pixel moves.
+    photo = Image.open(EXAMPLES / "astronaut.jpg").resize(shape, Image.Resampling.BICUBIC)
+    path = saved(photo, tmp_path / "big.png", compress_level=1)
+    old_way = np.asarray(photo.resize((100, 100), Image.Resampling.BICUBIC, reducing_gap=3.0))
+    np.testing.assert_array_equal(load_image(path, 100), old_way)
+
+
+def test_early_averaging_keeps_alpha_palette_and_16_bit_right(tmp_path):
+    rgba = np.zeros((1200, 1000, 4), np.uint8)
+    rgba[:, :500] = (255, 0, 0, 255)  # opaque red left, transparent right -> white
+    out = load_image(saved(Image.fromarray(rgba, "RGBA"), tmp_path / "a.png"), 32).astype(int)
+    assert (np.abs(out[:, :14] - (255, 0, 0)) <= 2).all() and (out[:, 18:] >= 253).all()
+    palette = Image.fromarray(rgba[..., 0] // 255, "P")
+    palette.putpalette([0, 0, 255, 0, 200, 0] + [0] * 762)
+    out = load_image(saved(palette, tmp_path / "p.png", transparency=0), 32).astype(int)
+    assert (np.abs(out[:, :14] - (0, 200, 0)) <= 2).all() and (out[:, 18:] >= 253).all()
+    deep = np.tile(np.linspace(0, 60000, 1000).astype(np.uint16), (1200, 1))  # dark left, bright right
+    out = load_image(saved(Image.fromarray(deep), tmp_path / "d.png"), 32)[..., 0].astype(int)
+    assert out[:, 0].max() < 10 and out[:, -1].min() > 245 and (np.diff(out[0]) >= 0).all()
+    rotated = Image.Exif()
+    rotated[0x0112] = 8
+    tall = np.zeros((1200, 1000, 3), np.uint8)
+    tall[:300] = 255  # sky at the top
+    stored = Image.fromarray(np.ascontiguousarray(np.rot90(tall, -1)))
+    out = load_image(saved(stored, tmp_path / "r.tif", exif=rotated), 32).astype(int)
+    assert out[:7].min() > 245 and out[10:].max() < 10
+
+
+def test_max_pixels_is_the_callers_budget(tmp_path, monkeypatch):
+    path = saved(Image.new("RGB", (400, 300), (9, 9, 9)), tmp_path / "big.jpg")
+    with monkeypatch.context() as m:
+        m.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("decoded an image over the budget"))
+        with pytest.raises(ImageError) as info:
+            load_image(path, 224, max_pixels=100_000)
+    assert str(info.value) == f"{path}: image too large (400x300, over 100,000 pixels)"
+    assert load_image(path, 224, max_pixels=120_000).shape == (224, 224, 3)
+    for source in (Image.new("RGB", (400, 300)), np.zeros((300, 400, 3), np.uint8)):
+        with pytest.raises(ImageError, match=r"image too large \(400x300, over 100,000 pixels\)$"):
+            load_image(source, max_pixels=100_000)
+    assert MAX_PIXELS == Image.MAX_IMAGE_PIXELS  # the default budget: Pillow's warning limit

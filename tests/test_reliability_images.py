@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RNG = np.random.default_rng(7)
 PHOTO = RNG.integers(0, 256, (48, 64, 3), dtype=np.uint8)
 OK = None  # expected reason of a file that must load
+UNSUPPORTED = "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
 
 
 def _encoded(image: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -90,8 +91,12 @@ def make_corpus(folder: Path) -> dict[str, str | None]:
     files: dict[str, tuple[bytes | None, str | None]] = {
         "zero-bytes.jpg": (b"", "empty file (0 bytes)"),
         "truncated.jpg": (jpeg[: len(jpeg) // 2], "corrupt or truncated image"),
-        "random-bytes.jpg": (RNG.bytes(4096), "not an image Pillow can read"),
-        "text-file.jpg": (b"Shopping list:\n- milk\n- eggs\n", "not an image Pillow can read"),
+        "random-bytes.jpg": (RNG.bytes(4096), UNSUPPORTED),
+        "text-file.jpg": (b"Shopping list:\n- milk\n- eggs\n", UNSUPPORTED),
+        # formats Pillow knows but is never asked to open (EPS would run Ghostscript on the file)
+        "postscript.jpg": (b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 64 48\nshowpage\n",
+                           f"an EPS/PostScript file, {UNSUPPORTED}"),
+        "iphone.jpg": (b"\0\0\0\x18ftypheic\0\0\0\0mif1heic" + RNG.bytes(200), f"a HEIC file, {UNSUPPORTED}"),
         "alpha.png": (_encoded(Image.fromarray(np.dstack([PHOTO, PHOTO[..., :1]]), "RGBA"), "PNG"), OK),
         "palette.png": (_encoded(photo.convert("P"), "PNG"), OK),
         "grayscale.png": (_encoded(photo.convert("L"), "PNG"), OK),
@@ -140,7 +145,7 @@ def check_one_line_error(error: ImageError, path: Path, reason: str) -> None:
 
 def test_corpus_has_every_case_of_the_issue(corpus):
     _, expected = corpus
-    assert len(expected) == 22
+    assert len(expected) == 24
     assert sum(reason is OK for reason in expected.values()) >= 9
 
 
@@ -168,19 +173,38 @@ def test_odd_formats_keep_their_content(corpus):
     assert abs(int(deep.max()) - int(PHOTO[..., 0].max())) <= 1  # not clipped to white
 
 
-def _peak_rss_loading(path: Path) -> dict:
+def _peak_rss_loading(path: Path, size: int | None = None) -> dict:
     script = (
         "import json, sys, time\n"
         "from captioner.images import ImageError, load_image\n"
-        "start = time.perf_counter()\n"
-        "try:\n    load_image(sys.argv[1]); error = None\n"
+        "def peak():\n"
+        "    return int([l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]) / 1024\n"
+        "base, start = peak(), time.perf_counter()\n"
+        "try:\n    load_image(sys.argv[1], int(sys.argv[2]) if sys.argv[2] else None); error = None\n"
         "except ImageError as e:\n    error = e.reason\n"
-        "peak = [l for l in open('/proc/self/status') if l.startswith('VmHWM:')][0].split()[1]\n"
-        "print(json.dumps({'error': error, 'seconds': time.perf_counter() - start, 'peak_mb': int(peak) / 1024}))\n"
+        "print(json.dumps({'error': error, 'seconds': time.perf_counter() - start, 'peak_mb': peak(),\n"
+        "                  'base_mb': base}))\n"
     )
-    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=60,
-                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
+    out = subprocess.run([sys.executable, "-c", script, str(path), str(size or "")], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True)
     return json.loads(out.stdout)
+
+
+# Pillow keeps RGB as 4 bytes a pixel: a 12 MP photo is 48 MB decoded, a 6000x6000 PNG 144 MB.
+@pytest.mark.parametrize("kind, full_mb, budget_mb", [("jpeg", 48, 12), ("png", 144, 190)])
+def test_memory_follows_the_encoder_size_not_the_photo(tmp_path, kind, full_mb, budget_mb):
+    # Before: a 12 MP JPEG peaked at +139 MB, the PNG at +430 MB (decoded, copied by the EXIF step,
+    # copied again by the RGB conversion). Now the JPEG is decoded at 1/8 scale (+3 MB) and the PNG
+    # is averaged down right after decoding (about one decoded copy).
+    if kind == "jpeg":
+        path = tmp_path / "phone.jpg"
+        Image.fromarray(PHOTO).resize((4000, 3000), Image.Resampling.BICUBIC).save(path, quality=90)
+    else:
+        path = tmp_path / "scan.png"
+        path.write_bytes(png_bytes(6000, 6000, bit_depth=8, colour_type=2))
+    result = _peak_rss_loading(path, size=224)
+    assert result["error"] is None, result
+    assert result["peak_mb"] - result["base_mb"] < budget_mb, result  # budget_mb vs full_mb decoded
 
 
 @pytest.mark.parametrize("side", [20000, 12000])
