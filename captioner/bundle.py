@@ -1,17 +1,22 @@
-"""Model bundles: one directory holding config, vocabulary and decoder, loaded with one call.
+"""Model bundles: one directory holding config, vocabulary, decoder and runtime files, loaded with one call.
 
-    <bundle>/config.json   format version, model type, encoder identity, decoder sizes, decoding defaults
-    <bundle>/vocab.json    the vocabulary (ids 0..3 are <pad> <start> <end> <unk>)
-    <bundle>/decoder.keras the Keras model file (architecture + weights), loaded in safe mode
+    <bundle>/config.json    format version, model type, encoder identity, decoder sizes, decoding defaults,
+                            the SHA-256 of each runtime file
+    <bundle>/vocab.json     the vocabulary (ids 0..3 are <pad> <start> <end> <unk>)
+    <bundle>/decoder.keras  the Keras model file (architecture + weights), loaded in safe mode
+    <bundle>/encoder.tflite, decoder.tflite   the same networks for the LiteRT runtime (optional)
 
 Bundles may come from strangers, so loading runs no code from them and allocates nothing a
 config asks for before checking it: every field's type and range is checked, file sizes are
 bounded before a byte is read, the model file may name only Keras layers and the decoder's own
 class (never a `Lambda`), Keras loads it in `safe_mode`, no pickle is read, and the weights must
-be finite. Every refusal is a `BundleError` with a one-line reason.
+be finite. Runtime files are read only by their fixed names and only if their SHA-256 matches
+the config. Every refusal is a `BundleError` with a one-line reason. This module imports
+neither TensorFlow nor Keras until a Keras decoder is loaded or saved.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import zipfile
 from dataclasses import dataclass, field
@@ -23,23 +28,22 @@ import numpy as np
 from captioner.decoding import DecodeOptions
 from captioner.errors import first_line
 from captioner.fileio import atomic_path
-from captioner.model import ShowAndTell
-from captioner.quiet_tensorflow import keras
 from captioner.text import SPECIAL_TOKENS, Vocabulary
 from captioner.version import __version__
 
 FORMAT = "captioner-bundle"
 FORMAT_VERSION = 2  # 2: the decoding defaults hold max_len; version 1 bundles still load
 CONFIG, VOCAB, DECODER = "config.json", "vocab.json", "decoder.keras"
+LITERT_FILES = ("encoder.tflite", "decoder.tflite")  # the only runtime files a bundle may name
 
-# The model families a bundle may hold, by the name its config gives.
-MODEL_TYPES: dict[str, type[ShowAndTell]] = {"show-and-tell": ShowAndTell}
+# The model families a bundle may hold: config name -> class name in captioner.model.
+MODEL_TYPES: dict[str, str] = {"show-and-tell": "ShowAndTell"}
 
 # Sizes no real bundle comes near; beyond them a config is an attack or an accident.
 MAX_CONFIG_BYTES = 1 << 20
 MAX_VOCAB_BYTES = 16 << 20
 MAX_VOCAB_WORDS = 200_000
-MAX_DECODER_BYTES = 2 << 30
+MAX_DECODER_BYTES = 2 << 30  # also bounds each runtime file
 MAX_JSON_DEPTH = 32
 DECODER_LIMITS = {"vocab_size": MAX_VOCAB_WORDS, "feature_dim": 16_384, "embed_dim": 4096, "units": 4096,
                   "num_layers": 8}
@@ -52,68 +56,123 @@ class BundleError(ValueError):
 
 @dataclass
 class Bundle:
-    """Everything needed to caption with a trained decoder, apart from the encoder itself."""
+    """Everything needed to caption with a trained decoder, apart from the encoder itself.
 
-    model: ShowAndTell
+    `model` is the Keras decoder; None when the bundle was loaded for a runtime that does not
+    need it (`load_bundle(..., load_decoder=False)`).
+    """
+
+    model: Any  # a captioner.model decoder (ShowAndTell), or None
     vocab: Vocabulary
     encoder: dict  # ImageEncoder.describe(): name, weights_id, image_size, feature_dim
     decoding: DecodeOptions = DecodeOptions()  # the defaults captions are decoded with
     info: dict = field(default_factory=dict)  # training data, metrics, time: for people, not code
+    model_type: str = "show-and-tell"
+    decoder_sizes: dict = field(default_factory=dict)  # the decoder's config: vocab_size, units, ...
+    litert: dict = field(default_factory=dict)  # runtime file name -> its SHA-256
+    directory: Path | None = None  # where it was loaded from
 
-    @property
-    def model_type(self) -> str:
-        return next(name for name, cls in MODEL_TYPES.items() if isinstance(self.model, cls))
+    def __post_init__(self) -> None:
+        if self.model is not None:
+            self.decoder_sizes = _decoder_sizes(self.model.get_config())
+            self.model_type = next(name for name, cls in MODEL_TYPES.items() if type(self.model).__name__ == cls)
 
     def save(self, directory: str | Path) -> Path:
-        """Write the bundle atomically: readers see the old bundle or the new one, never half."""
+        """Write the bundle atomically: readers see the old bundle or the new one, never half.
+        (Its LiteRT files come after: `captioner.export_litert.add_litert_files`.)"""
         directory = Path(directory)
-        config = {
-            "format": FORMAT,
-            "format_version": FORMAT_VERSION,
-            "captioner_version": __version__,
-            "model_type": self.model_type,
-            "encoder": self.encoder,
-            "decoder": _decoder_sizes(self.model.get_config()),
-            "vocab_size": len(self.vocab),
-            "decoding": self.decoding.to_dict(),
-            "info": self.info,
-        }
         with atomic_path(directory) as tmp:
             tmp.mkdir()
-            (tmp / CONFIG).write_text(json.dumps(config, indent=2, allow_nan=False) + "\n", encoding="utf-8")
             self.vocab.save(tmp / VOCAB)
             # A `.keras` file keeps a compiled model's optimizer state (3x the size) whatever
             # `include_optimizer` says, and a bundle is for inference: save an uncompiled twin.
             twin = type(self.model).from_config(self.model.get_config())
             twin.set_weights(self.model.get_weights())
             twin.save(tmp / DECODER)
+            write_config(tmp, self, {})
+        self.litert = {}
         return directory
 
 
-def load_bundle(directory: str | Path) -> Bundle:
-    """Load and validate a bundle; any problem raises `BundleError` with a one-line reason."""
+def write_config(directory: Path, bundle: Bundle, litert: dict) -> None:
+    """The bundle's config.json, naming its runtime files by their SHA-256."""
+    config = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "captioner_version": __version__,
+        "model_type": bundle.model_type,
+        "encoder": bundle.encoder,
+        "decoder": bundle.decoder_sizes,
+        "vocab_size": len(bundle.vocab),
+        "decoding": bundle.decoding.to_dict(),
+        "litert": litert,
+        "info": bundle.info,
+    }
+    from captioner.fileio import atomic_write_text
+
+    atomic_write_text(directory / CONFIG, json.dumps(config, indent=2, allow_nan=False) + "\n")
+
+
+def load_bundle(directory: str | Path, load_decoder: bool = True) -> Bundle:
+    """Load and validate a bundle; any problem raises `BundleError` with a one-line reason.
+    Without `load_decoder` the Keras decoder is not read (nor Keras imported): for LiteRT."""
     directory = Path(directory)
     if not directory.is_dir():
         raise BundleError(f"{directory}: model bundle not found (expected a directory with {CONFIG})")
     config = _check_config(directory, _read_json(directory, CONFIG, MAX_CONFIG_BYTES))
     vocab = _read_vocab(directory)
-    model = _load_decoder(_member(directory, DECODER), config)
+    sizes, encoder = config["decoder"], config["encoder"]
     problems = []
     if len(vocab) != config["vocab_size"]:
         problems.append(f"vocabulary has {len(vocab)} words but config says {config['vocab_size']}")
-    if model.vocab_size != len(vocab):
-        problems.append(f"decoder predicts {model.vocab_size} words but the vocabulary has {len(vocab)}")
-    encoder = config["encoder"]
-    if model.feature_dim != encoder["feature_dim"]:
-        problems.append(f"decoder expects {model.feature_dim}-d features but encoder {encoder['name']} "
+    if sizes["vocab_size"] != len(vocab):
+        problems.append(f"decoder predicts {sizes['vocab_size']} words but the vocabulary has {len(vocab)}")
+    if sizes["feature_dim"] != encoder["feature_dim"]:
+        problems.append(f"decoder expects {sizes['feature_dim']}-d features but encoder {encoder['name']} "
                         f"gives {encoder['feature_dim']}")
+    model = None
+    if not problems and load_decoder:
+        model = _load_decoder(_member(directory, DECODER), config)
+        if _decoder_sizes(model.get_config()) != sizes:
+            problems.append(f"{DECODER} does not match the sizes in {CONFIG}")
     if problems:
         raise BundleError(f"{directory}: inconsistent bundle: {'; '.join(problems)}")
-    return Bundle(model=model, vocab=vocab, encoder=encoder, decoding=config["decoding"], info=config["info"])
+    return Bundle(model=model, vocab=vocab, encoder=encoder, decoding=config["decoding"], info=config["info"],
+                  model_type=config["model_type"], decoder_sizes=sizes, litert=config["litert"],
+                  directory=directory)
+
+
+def read_runtime_file(bundle: Bundle, filename: str) -> bytes:
+    """A runtime file of a loaded bundle, refused unless its SHA-256 is the one its config names."""
+    if bundle.directory is None or filename not in bundle.litert:
+        raise BundleError(f"{bundle.directory}: the bundle has no {filename} (add it with `captioner export`)")
+    path = _member(bundle.directory, filename)
+    try:
+        if path.stat().st_size > MAX_DECODER_BYTES:
+            raise BundleError(f"{path}: larger than any model file ({MAX_DECODER_BYTES:,} bytes)")
+        data = path.read_bytes()
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
+    if hashlib.sha256(data).hexdigest() != bundle.litert[filename]:
+        raise BundleError(f"{path}: does not match the SHA-256 in {CONFIG} (replaced or damaged); "
+                          "re-create it with `captioner export`")
+    return data
 
 
 def _decoder_sizes(model_config: dict) -> dict:
     return {k: v for k, v in model_config.items() if k not in ("name", "trainable", "dtype")}
+
+
+def _check_sizes(sizes: Any, where: Path | str, what: str) -> None:
+    if not isinstance(sizes, dict):
+        raise BundleError(f"{where}: the {what} config must be an object")
+    for name, high in DECODER_LIMITS.items():
+        if not _whole(sizes.get(name), 1, high):
+            raise BundleError(f"{where}: {what} '{name}' must be a whole number from 1 to {high:,}, "
+                              f"got {sizes.get(name)!r}")
+    dropout = sizes.get("dropout", 0.0)
+    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+        raise BundleError(f"{where}: {what} 'dropout' must be a number from 0 to 1, got {dropout!r}")
 
 
 def _member(directory: Path, filename: str) -> Path:
@@ -179,7 +238,7 @@ def _check_config(directory: Path, config: Any) -> dict:
             f"(expects {FORMAT_VERSION}); retrain it or use a matching captioner release"
         )
     if version == 1:  # max_len sat beside the decoding defaults; the model type was implied
-        config = {**config, "model_type": "show-and-tell",
+        config = {**config, "model_type": "show-and-tell", "litert": {},
                   "decoding": {**(config.get("decoding") or {}), "max_len": config.get("max_len")}}
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
@@ -195,11 +254,16 @@ def _check_config(directory: Path, config: Any) -> dict:
                           f"got {config.get('vocab_size')!r}")
     if not isinstance(config.get("info", {}), dict):
         raise BundleError(f"{where}: 'info' must be an object, got {type(config['info']).__name__}")
+    _check_sizes(config.get("decoder"), where, "decoder")
+    litert = config.get("litert", {})
+    if (not isinstance(litert, dict) or not set(litert) <= set(LITERT_FILES)
+            or not all(isinstance(v, str) and len(v) == 64 for v in litert.values())):
+        raise BundleError(f"{where}: 'litert' must map {' and '.join(LITERT_FILES)} to their SHA-256")
     try:
         decoding = DecodeOptions.from_dict(config.get("decoding"))
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: invalid decoding default {first_line(e)}") from None
-    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {})}
+    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {}), "litert": litert}
 
 
 def _read_vocab(directory: Path) -> Vocabulary:
@@ -231,25 +295,19 @@ def _check_classes(node: Any, where: Path, allowed: str) -> None:
             _check_classes(value, where, allowed)
 
 
-def _check_decoder_config(model_config: Any, path: Path, model_cls: type[ShowAndTell]) -> None:
-    if not isinstance(model_config, dict) or model_config.get("class_name") != model_cls.__name__:
+def _check_decoder_config(model_config: Any, path: Path, class_name: str) -> None:
+    if not isinstance(model_config, dict) or model_config.get("class_name") != class_name:
         found = model_config.get("class_name") if isinstance(model_config, dict) else type(model_config).__name__
-        raise BundleError(f"{path}: holds a {found!r} model, not a {model_cls.__name__} decoder")
-    _check_classes(model_config, path, model_cls.__name__)
-    sizes = model_config.get("config")
-    if not isinstance(sizes, dict):
-        raise BundleError(f"{path}: the decoder's config must be an object")
-    for name, high in DECODER_LIMITS.items():
-        if not _whole(sizes.get(name), 1, high):
-            raise BundleError(f"{path}: decoder '{name}' must be a whole number from 1 to {high:,}, "
-                              f"got {sizes.get(name)!r}")
-    dropout = sizes.get("dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-        raise BundleError(f"{path}: decoder 'dropout' must be a number from 0 to 1, got {dropout!r}")
+        raise BundleError(f"{path}: holds a {found!r} model, not a {class_name} decoder")
+    _check_classes(model_config, path, class_name)
+    _check_sizes(model_config.get("config"), path, "decoder")
 
 
-def _load_decoder(path: Path, config: dict) -> ShowAndTell:
-    model_cls = MODEL_TYPES[config["model_type"]]
+def _load_decoder(path: Path, config: dict):
+    from captioner import model as models
+    from captioner.quiet_tensorflow import keras
+
+    model_cls = getattr(models, MODEL_TYPES[config["model_type"]])
     try:
         if path.stat().st_size > MAX_DECODER_BYTES:
             raise BundleError(f"{path}: larger than any decoder ({MAX_DECODER_BYTES:,} bytes)")
@@ -265,7 +323,7 @@ def _load_decoder(path: Path, config: dict) -> ShowAndTell:
         if isinstance(e, BundleError):
             raise
         raise BundleError(f"{path}: not a readable Keras model file ({first_line(e)})") from None
-    _check_decoder_config(model_config, path, model_cls)
+    _check_decoder_config(model_config, path, model_cls.__name__)
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for bad files; all mean "refused"

@@ -11,9 +11,10 @@ import numpy as np
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
-from captioner.encoder import ImageEncoder
 from captioner.features import FeatureCache, iter_features
 from captioner.images import ImageError, ImageSource, describe_source
+
+RUNTIMES = ("auto", "litert", "tf")
 
 
 @dataclass(frozen=True)
@@ -56,7 +57,7 @@ class Captioner:
     """A trained decoder bundle, the image encoder it was trained with, and the runtime that
     runs the decoder (TensorFlow unless another `StepModel` is given)."""
 
-    def __init__(self, bundle: Bundle, encoder: ImageEncoder, cache_dir: str | Path | None = None,
+    def __init__(self, bundle: Bundle, encoder, cache_dir: str | Path | None = None,
                  step_model: StepModel | None = None):
         identity = encoder.describe()
         expected = bundle.encoder
@@ -67,6 +68,7 @@ class Captioner:
             raise BundleError(f"model was trained on encoder {expected['name']} ({expected['weights_id'][:20]}) "
                               f"but got one with {', '.join(wrong)}; captions would be nonsense")
         self.bundle, self.encoder = bundle, encoder
+        self.runtime = "tf" if step_model is None else getattr(step_model, "runtime", type(step_model).__name__)
         if step_model is None:
             from captioner.runtime_tf import TensorFlowStep
 
@@ -77,11 +79,33 @@ class Captioner:
 
     @classmethod
     def load(cls, model: str | Path | None = None, encoder_weights: str = "default",
-             cache_dir: str | Path | None = None) -> Captioner:
-        """Load a bundle (default: `$CAPTIONER_MODEL` or the shipped model) and build its encoder."""
-        bundle = load_bundle(model or paths.default_model())
-        encoder = ImageEncoder(bundle.encoder["name"], weights=encoder_weights)
-        return cls(bundle, encoder, cache_dir)
+             cache_dir: str | Path | None = None, runtime: str = "auto") -> Captioner:
+        """Load a bundle (default: `$CAPTIONER_MODEL` or the shipped model) and its encoder.
+
+        `runtime`: "litert" runs the bundle's .tflite files without importing TensorFlow; "tf"
+        runs the Keras decoder and encoder; "auto" takes LiteRT when the bundle has its files,
+        the interpreter is installed and the encoder weights are the default ones.
+        """
+        if runtime not in RUNTIMES:
+            raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
+        directory = model or paths.default_model()
+        if runtime != "tf":
+            from captioner import runtime_litert
+
+            bundle = load_bundle(directory, load_decoder=False)
+            usable = bool(bundle.litert) and runtime_litert.available() and encoder_weights == "default"
+            if runtime == "litert" and not usable:
+                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
+                       else "ai-edge-litert is not installed" if not runtime_litert.available()
+                       else "other encoder weights need the TensorFlow runtime")
+                raise BundleError(f"{directory}: cannot run on LiteRT: {why}")
+            if usable:
+                step = runtime_litert.LiteRTStep(bundle)
+                return cls(bundle, runtime_litert.LiteRTEncoder(bundle), cache_dir, step)
+        from captioner.encoder import ImageEncoder
+
+        bundle = load_bundle(directory)
+        return cls(bundle, ImageEncoder(bundle.encoder["name"], weights=encoder_weights), cache_dir)
 
     @property
     def options(self) -> DecodeOptions:

@@ -16,6 +16,8 @@ from pathlib import Path
 from captioner import paths
 from captioner.decoding import METHODS, DecodeOptions, OptionError
 
+RUNTIMES = ("auto", "litert", "tf")  # as captioner.captioner.RUNTIMES, which imports more than a parser needs
+
 # DecodeOptions field -> the flag that sets it, for messages that name what the user typed.
 DECODE_FLAGS = {"method": "--method", "beam_size": "--beam-size", "max_len": "--max-len",
                 "length_penalty": "--length-penalty", "temperature": "--temperature", "seed": "--seed",
@@ -40,10 +42,14 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, help="random seed for sampling")
 
 
-def _model_option(p: argparse.ArgumentParser) -> None:
+def _model_option(p: argparse.ArgumentParser, runtime: bool = True) -> None:
     p.add_argument("--model", metavar="DIR", help="model bundle directory (default: $CAPTIONER_MODEL or the shipped model)")
     p.add_argument("--encoder-weights", default="default", metavar="W",
                    help="encoder weights: 'default' (offline file), 'imagenet' (Keras download) or a .weights.h5 path")
+    if runtime:
+        p.add_argument("--runtime", choices=RUNTIMES, default="auto",
+                       help="'litert': the bundle's .tflite files, no TensorFlow (fast start); 'tf': TensorFlow; "
+                       "'auto' (default): LiteRT when the bundle has its files")
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -128,6 +134,11 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(p)
     _decoding_options(p)
 
+    p = sub.add_parser("export", help="add LiteRT files to a model bundle (for the fast runtime)",
+                       description="Convert a bundle's encoder and decoder to LiteRT (.tflite) files and record "
+                       "them in its config. Bundles written by `captioner train` have them already.")
+    _model_option(p, runtime=False)
+
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset (demo and tests)")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--images", type=int, default=300)
@@ -155,8 +166,9 @@ def decode_options(args: argparse.Namespace, defaults: DecodeOptions = _DEFAULTS
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, before TensorFlow is imported."""
-    if args.command in ("caption", "evaluate"):
-        decode_options(args)
+    if args.command in ("caption", "evaluate", "export"):
+        if args.command != "export":
+            decode_options(args)
         if args.model and not Path(args.model).is_dir():
             raise UsageError(f"--model: {args.model}: no such model bundle folder")
     if args.command == "caption":
@@ -202,7 +214,7 @@ def cmd_caption(args: argparse.Namespace) -> int:
         # Imported here: TensorFlow loads only once there is work to do.
         from captioner.captioner import Captioner
 
-        captioner = Captioner.load(args.model, args.encoder_weights)
+        captioner = Captioner.load(args.model, args.encoder_weights, runtime=args.runtime)
         options = decode_options(args, captioner.options)
         failed = 0
         started = time.time()
@@ -269,13 +281,22 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from captioner.evaluation import evaluate
 
     dataset = load_dataset(args.data, args.layout, args.images)
-    captioner = Captioner.load(args.model, args.encoder_weights, cache_dir=_cache_dir(args))
+    captioner = Captioner.load(args.model, args.encoder_weights, cache_dir=_cache_dir(args), runtime=args.runtime)
     report = evaluate(captioner, dataset, args.split, decode_options(args, captioner.options),
                       limit=args.limit, coco=not args.no_coco, output=args.output)
     d = report["decoding"]
     print(f"{report['split']} split, {report['images']} images, {d['method']} decoding, beam {d['beam_size']}:")
     for name, value in report["scores"].items():
         print(f"  {name:12s} {value:6.2f}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from captioner.export_litert import add_litert_files
+
+    model = args.model or paths.default_model()
+    for name, digest in add_litert_files(model, args.encoder_weights).items():
+        print(f"{Path(model) / name}  sha256 {digest[:16]}")
     return 0
 
 
@@ -296,7 +317,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,
-            "evaluate": cmd_evaluate, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders}
+            "evaluate": cmd_evaluate, "export": cmd_export, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,4 +1,4 @@
-"""Image features: batched extraction (tf.data, parallel decoding) with a content-keyed cache.
+"""Image features: batched extraction (photos decoded on parallel threads) with a content-keyed cache.
 
 A feature is cached per (encoder, weights, image content), so a second run over the same
 photos encodes nothing, and a renamed or moved photo is still found.
@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import stat
 import threading
 import zipfile
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,10 +21,11 @@ import numpy as np
 from PIL import Image
 
 from captioner.fileio import atomic_save, sha256_file
-from captioner.images import ImageError, ImageSource, describe_source, load_image
-from captioner.quiet_tensorflow import tf
+from captioner.images import LOADER_VERSION, ImageError, ImageSource, describe_source, load_image
 
 log = logging.getLogger(__name__)
+# Threads decoding photos: enough to keep ahead of the encoder on a few cores.
+_DECODE_THREADS = min(8, 2 * (os.cpu_count() or 1))
 
 
 def content_key(source: ImageSource) -> str:
@@ -49,8 +52,10 @@ class FeatureCache:
 
     def __init__(self, encoder_identity: dict, directory: str | Path | None = None, memory_items: int = 4096):
         self.feature_dim = int(encoder_identity["feature_dim"])
+        # The loader's version is part of the key: features of pixels decoded another way are not reused.
         tag = hashlib.sha256(
-            f"{encoder_identity['name']}|{encoder_identity['weights_id']}|{encoder_identity['image_size']}".encode()
+            f"{encoder_identity['name']}|{encoder_identity['weights_id']}|{encoder_identity['image_size']}"
+            f"|loader{LOADER_VERSION}".encode()
         ).hexdigest()[:16]
         self.directory = Path(directory) / f"{encoder_identity['name']}-{tag}" if directory else None
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
@@ -108,60 +113,63 @@ class FeatureBatch:
     errors: list[tuple[int, ImageError]]  # positions and reasons of the images that failed
 
 
+@dataclass
+class _Prepared:
+    """One photo made ready for the encoder: pixels to encode, a cached feature, or an error."""
+
+    key: str | None = None
+    pixels: np.ndarray | None = None
+    cached: np.ndarray | None = None
+    error: ImageError | None = None
+
+
 def iter_features(
     sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32
 ) -> Iterator[FeatureBatch]:
     """Encode `sources` batch by batch, in order, so callers can stream results.
 
-    One tf.data pipeline hashes, looks up and decodes photos on parallel threads (Pillow
-    releases the GIL) while the encoder runs on the previous batch. A photo that cannot be
-    read becomes an entry in `errors`, never an exception.
+    A thread pool hashes, looks up and decodes the next batch's photos (Pillow releases the GIL)
+    while the encoder runs on this one. Plain threads rather than tf.data: the caption path may
+    run without TensorFlow (the LiteRT runtime). A photo that cannot be read becomes an entry in
+    `errors`, never an exception.
     """
-    size, dim = encoder.image_size, encoder.feature_dim
-    errors: dict[int, ImageError] = {}
-    keys: dict[int, str] = {}
+    size = encoder.image_size
 
-    def prepare(i):
-        # -> (pixels, cached feature, status): 0 = needs encoding, 1 = cached, 2 = failed
-        i = int(i)
-        blank, no_feature = np.zeros((size, size, 3), np.uint8), np.zeros(dim, np.float32)
+    def prepare(i: int) -> _Prepared:
         try:
-            keys[i] = content_key(sources[i])
-            cached = cache.get(keys[i]) if cache is not None else None
+            key = content_key(sources[i])
+            cached = cache.get(key) if cache is not None else None
             if cached is not None:
-                return blank, cached, np.int8(1)
-            return load_image(sources[i], size), no_feature, np.int8(0)
+                return _Prepared(key, cached=cached)
+            return _Prepared(key, pixels=load_image(sources[i], size))
         except ImageError as e:
-            errors[i] = e
+            return _Prepared(error=e)
         except (OSError, TypeError) as e:  # unreadable file or unknown source type met while hashing:
-            # let the loader word the reason
-            errors[i] = _as_image_error(sources[i], e)
-        return blank, no_feature, np.int8(2)
+            return _Prepared(error=_as_image_error(sources[i], e))  # let the loader word the reason
 
-    pipeline = (
-        tf.data.Dataset.range(len(sources))
-        .map(
-            lambda i: (i, *tf.numpy_function(prepare, [i], [tf.uint8, tf.float32, tf.int8], stateful=False)),
-            num_parallel_calls=tf.data.AUTOTUNE,
-            deterministic=True,
-        )
-        .batch(batch_size)
-        .prefetch(2)
-    )
-    for index, pixels, cached, status in pipeline.as_numpy_iterator():
-        features = cached.copy()
-        todo = np.flatnonzero(status == 0)
-        if len(todo):
-            features[todo] = encoder(pixels[todo])
-            if cache is not None:
-                for j in todo:
-                    cache.put(keys[int(index[j])], features[j])
-        ok = status != 2
-        yield FeatureBatch(
-            indices=index[ok].tolist(),
-            features=features[ok],
-            errors=[(int(i), errors.pop(int(i))) for i in index[~ok]],
-        )
+    starts = range(0, len(sources), batch_size)
+    with ThreadPoolExecutor(max_workers=_DECODE_THREADS) as pool:
+        def submit(start: int) -> list[Future]:
+            return [pool.submit(prepare, i) for i in range(start, min(start + batch_size, len(sources)))]
+
+        upcoming = submit(0) if len(sources) else []
+        for start in starts:
+            current, upcoming = upcoming, (submit(start + batch_size) if start + batch_size < len(sources) else [])
+            prepared = [f.result() for f in current]
+            todo = [j for j, p in enumerate(prepared) if p.pixels is not None]
+            if todo:
+                encoded = encoder(np.stack([prepared[j].pixels for j in todo]))
+                for j, feature in zip(todo, encoded):
+                    prepared[j].cached = feature
+                    if cache is not None:
+                        cache.put(prepared[j].key, feature)
+            ok = [j for j, p in enumerate(prepared) if p.error is None]
+            yield FeatureBatch(
+                indices=[start + j for j in ok],
+                features=np.stack([prepared[j].cached for j in ok]) if ok else np.zeros((0, encoder.feature_dim),
+                                                                                          np.float32),
+                errors=[(start + j, p.error) for j, p in enumerate(prepared) if p.error is not None],
+            )
 
 
 def _as_image_error(source: ImageSource, error: Exception) -> ImageError:

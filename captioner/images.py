@@ -37,6 +37,9 @@ _HEIF_BRANDS = {b"heic": "a HEIC file", b"heix": "a HEIC file", b"heim": "a HEIC
 # Pillow's own bomb limit is a warning up to 2x; make anything above it an error instead.
 # The default of `load_image(max_pixels=...)`: a caller with less memory to spare passes less.
 MAX_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
+# Bumped whenever the pixels load_image returns change (2: JPEGs decoded at reduced scale), so that
+# cached features of the old pixels are not reused.
+LOADER_VERSION = 2
 # Modes `Image.reduce` cannot average (palette indices, bits, 16-bit), and what to_rgb would
 # turn them into anyway.
 _REDUCE_AS = {"1": "L", "P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}

@@ -234,5 +234,9 @@ def train(
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
+    # The LiteRT files once, for the chosen epoch (converting costs seconds: not at every best epoch).
+    from captioner.export_litert import add_litert_files
+
+    add_litert_files(output / "model", encoder)
     return load_bundle(output / "model")
 

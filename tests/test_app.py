@@ -16,7 +16,9 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from captioner.captioner import Captioner
 from captioner.encoder import ImageEncoder
+from captioner.runtime_litert import LiteRTEncoder
 from captioner.images import load_image
 from captioner.synthetic import random_scene, render_photo
 
@@ -41,17 +43,22 @@ def bundle_dir(trained_run, monkeypatch):
     return model
 
 
+@pytest.fixture(scope="module")
+def page_captioner(trained_run):
+    """The tiny model as the page loads it (the same runtime: LiteRT when the bundle has its files)."""
+    return Captioner.load(trained_run[0] / "model")
+
+
 @pytest.fixture
 def encoder_calls(monkeypatch) -> list[int]:
-    """Sizes of the image batches any encoder in this process encodes from now on."""
+    """Sizes of the image batches any encoder (TensorFlow or LiteRT) in this process encodes from now on."""
     calls: list[int] = []
-    original = ImageEncoder.__call__
+    for cls in (ImageEncoder, LiteRTEncoder):
+        def counting(self, images, original=cls.__call__):
+            calls.append(len(images))
+            return original(self, images)
 
-    def counting(self, images):
-        calls.append(len(images))
-        return original(self, images)
-
-    monkeypatch.setattr(ImageEncoder, "__call__", counting)
+        monkeypatch.setattr(cls, "__call__", counting)
     return calls
 
 
@@ -98,14 +105,14 @@ def beams(at: AppTest) -> list[list[tuple[str, float, float]]]:
     ]
 
 
-def test_example_photo_gets_its_caption_and_beams(bundle_dir, app, trained_captioner, tmp_path):
+def test_example_photo_gets_its_caption_and_beams(bundle_dir, app, page_captioner, tmp_path):
     at = open_page()
     assert "Add a photo" in at.main.info[0].value
     assert not captions(at)
 
     at.checkbox(key="example-coffee").check().run()
     assert not at.exception, at.exception
-    expected = trained_captioner.caption(app.EXAMPLES["Coffee"], num_results=3)
+    expected = page_captioner.caption(app.EXAMPLES["Coffee"], num_results=3)
     assert captions(at) == [app.sentence(expected.caption)]
     assert any(c.value.startswith("coffee.jpg · beam search, width 3 · ") and c.value.endswith("% per word")
                for c in at.main.caption)
@@ -116,7 +123,7 @@ def test_example_photo_gets_its_caption_and_beams(bundle_dir, app, trained_capti
     assert any("geometric mean" in c.value for c in at.main.caption)  # the figure is explained
 
 
-def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, trained_captioner, tmp_path):
+def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, page_captioner, tmp_path):
     good = [("one.png", picture(11)), ("two.jpg", picture(12, "JPEG")), ("three.gif", picture(13, "GIF"))]
     bad = {
         "corrupt.jpg": (picture(14, "JPEG")[:300], "corrupt or truncated"),
@@ -127,7 +134,7 @@ def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, 
         "zero.png": (png_header_only(0, 0), ""),
     }
     uploads = [good[0], *((name, data) for name, (data, _) in bad.items()), *good[1:]]
-    expected = trained_captioner.caption(write(tmp_path, good))
+    expected = page_captioner.caption(write(tmp_path, good))
 
     at = open_page()
     at.file_uploader(key="uploads").set_value([(name, data, "image/png") for name, data in uploads]).run()
@@ -140,11 +147,11 @@ def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, 
     assert any(m.value.startswith("**3 of 9 photos captioned** · 6 could not be read") for m in at.main.markdown)
 
 
-def test_settings_change_recaptions_without_reencoding(bundle_dir, trained_captioner, encoder_calls, tmp_path):
+def test_settings_change_recaptions_without_reencoding(bundle_dir, page_captioner, encoder_calls, tmp_path):
     files = [("a.png", picture(21)), ("b.png", picture(22))]
     paths = write(tmp_path, files)
-    greedy = [r.caption for r in trained_captioner.caption(paths, method="greedy")]
-    short = [r.caption for r in trained_captioner.caption(paths, method="greedy", max_len=3)]
+    greedy = [r.caption for r in page_captioner.caption(paths, method="greedy")]
+    short = [r.caption for r in page_captioner.caption(paths, method="greedy", max_len=3)]
     encoder_calls.clear()
 
     at = open_page()
@@ -189,10 +196,10 @@ def test_missing_model_explains_how_to_get_one(trained_run, monkeypatch, tmp_pat
     assert len(captions(at)) == 1
 
 
-def test_downloads_hold_every_caption_and_error(app, trained_captioner, tmp_path):
+def test_downloads_hold_every_caption_and_error(app, page_captioner, tmp_path):
     paths = write(tmp_path, [("good.png", picture(31)), ("bad.jpg", b"not a photo")])
     results = [replace(r, source=name) for r, name in
-               zip(trained_captioner.caption(paths, num_results=2), ["good.png", "bad.jpg"])]
+               zip(page_captioner.caption(paths, num_results=2), ["good.png", "bad.jpg"])]
 
     rows = list(csv.DictReader(io.StringIO(app.results_csv(results, 2))))
     assert [(row["image"], row["caption"]) for row in rows] == [("good.png", results[0].caption), ("bad.jpg", "")]

@@ -49,7 +49,7 @@ def make_photos(folder: Path) -> dict[str, str | None]:
     (folder / "notes.jpg").write_text("remember to buy milk\n")
     (folder / "readme.txt").write_text("not picked up: wrong suffix\n")
     return {**{f"good_{i}.jpg": None for i in range(4)}, "broken.jpg": "corrupt or truncated image",
-            "empty.jpg": "empty file (0 bytes)", "notes.jpg": "not an image Pillow can read"}
+            "empty.jpg": "empty file (0 bytes)", "notes.jpg": "not an image in a supported format"}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +164,7 @@ def test_caption_to_stdout_with_top_beams(runs):
         assert first[4] == caption.split("\t")[1]  # the caption is the first beam
         assert float(first[2].split()[1]) >= float(second[2].split()[1])  # ranked by score
         assert all(float(b[3].split()[1]) < 0 for b in (first, second))
-    assert run.error_lines == [f"error: {photos / 'notes.jpg'}: not an image Pillow can read"]
+    assert run.error_lines == [f"error: {photos / 'notes.jpg'}: not an image in a supported format"]
 
 
 def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
@@ -186,7 +186,7 @@ def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
     assert good_3["caption"] and good_3["error"] is None and isinstance(good_3["log_prob"], float)
     notes = next(r for r in rows if r["image"] == str(photos / "notes.jpg"))
     assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None, "score": None,
-                     "error": "not an image Pillow can read"}
+                     "error": "not an image in a supported format"}
 
 
 def test_top_beams_in_csv_and_jsonl(runs):

@@ -1,0 +1,95 @@
+"""Export a bundle's networks for the LiteRT runtime: `encoder.tflite` and `decoder.tflite`.
+
+    encoder.tflite  signature "features": images [N, S, S, 3] float32 0..255 -> features [N, D]
+                    (the network's own preprocessing included)
+    decoder.tflite  signature "init": features [N, D] -> state_0..state_k [N, units]
+                    signature "step": tokens [N] int32, state_0..state_k -> log_probs [N, V], state_0..
+                    (log-softmax with <pad>, <start>, <unk> never chosen, as the TF runtime does)
+
+The batch dimension is free, so one file serves any number of images and beams. Conversion
+goes through Keras's `ExportArchive` (a SavedModel) and TensorFlow's LiteRT converter with
+built-in ops only, so the files need no TensorFlow to run.
+"""
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from captioner.encoder import ImageEncoder
+from captioner.fileio import atomic_write_bytes
+from captioner.quiet_tensorflow import keras, tf
+from captioner.text import Vocabulary
+
+
+def _convert(track, endpoints: dict) -> bytes:
+    """TFLite bytes for `endpoints` (name -> (function, input signature)) of the Keras object `track`."""
+    with tempfile.TemporaryDirectory() as saved_model:
+        archive = keras.export.ExportArchive()
+        archive.track(track)
+        for name, (function, signature) in endpoints.items():
+            archive.add_endpoint(name, function, input_signature=signature)
+        archive.write_out(saved_model, verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=list(endpoints))
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        return converter.convert()
+
+
+def decoder_tflite(model) -> bytes:
+    """The decoder's `init` and `step` as one LiteRT model."""
+    banned = np.zeros(model.vocab_size, np.float32)
+    banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
+    n_states = model.num_layers * model.states_per_layer
+    state_specs = [tf.TensorSpec([None, model.units], tf.float32, name=f"state_{i}") for i in range(n_states)]
+
+    def init(features):
+        return {f"state_{i}": s for i, s in enumerate(model.initial_state(features))}
+
+    def step(tokens, *states):
+        logits, states = model.step(tokens, list(states))
+        return {"log_probs": tf.nn.log_softmax(logits + banned), **{f"state_{i}": s for i, s in enumerate(states)}}
+
+    return _convert(model, {
+        "init": (init, [tf.TensorSpec([None, model.feature_dim], tf.float32, name="features")]),
+        "step": (step, [tf.TensorSpec([None], tf.int32, name="tokens"), *state_specs]),
+    })
+
+
+def encoder_tflite(encoder) -> bytes:
+    """The encoder's preprocessing and network as one LiteRT model."""
+    size = encoder.image_size
+
+    def features(images):
+        return {"features": encoder.model(encoder.preprocess(images), training=False)}
+
+    return _convert(encoder.model, {
+        "features": (features, [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]),
+    })
+
+
+def export_litert(model, encoder, directory: Path) -> dict[str, str]:
+    """Write `encoder.tflite` and `decoder.tflite` into `directory`; their SHA-256 by file name."""
+    hashes = {}
+    for name, data in (("encoder.tflite", encoder_tflite(encoder)), ("decoder.tflite", decoder_tflite(model))):
+        atomic_write_bytes(directory / name, data)
+        hashes[name] = hashlib.sha256(data).hexdigest()
+    return hashes
+
+
+def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "default") -> dict[str, str]:
+    """Give a bundle its LiteRT files (what `captioner export` and the end of training do): the
+    encoder it was trained with (or weights to build it with) goes in too. The decoder and
+    vocabulary stay as they are; config.json is rewritten last, so a crash leaves the old bundle."""
+    from captioner.bundle import BundleError, load_bundle, write_config
+
+    bundle = load_bundle(bundle_dir)
+    if isinstance(encoder, str):
+        encoder = ImageEncoder(bundle.encoder["name"], encoder)
+    if encoder.describe() != bundle.encoder:
+        raise BundleError(f"{bundle_dir}: encoder {encoder.name} ({encoder.weights_id[:20]}) is not the one "
+                          "the bundle was trained with")
+    hashes = export_litert(bundle.model, encoder, Path(bundle_dir))
+    write_config(Path(bundle_dir), bundle, hashes)
+    return hashes

@@ -1,0 +1,114 @@
+"""The LiteRT runtime: a bundle's `encoder.tflite` and `decoder.tflite`, with no TensorFlow.
+
+`LiteRTEncoder` stands in for `ImageEncoder` and `LiteRTStep` is the `StepModel` decoding
+drives, so the caption path (images, features, beam search) is the same as under TensorFlow,
+only faster to start and to run (XNNPACK kernels). The files are checked against the bundle's
+config before use: their SHA-256, then their signatures' shapes.
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from captioner.bundle import Bundle, BundleError, read_runtime_file
+from captioner.native_logs import filtered_stderr
+
+# Images per forward pass: like the TF encoder, small passes stay in the CPU caches.
+_FORWARD_BATCH = 8
+
+
+def available() -> bool:
+    """Whether the LiteRT interpreter is installed (wheels exist for Linux x86_64/aarch64, macOS arm64)."""
+    try:
+        import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+class _Model:
+    """One .tflite file: its signature runners, used by one thread at a time."""
+
+    def __init__(self, bundle: Bundle, filename: str, expected: dict[str, dict[str, list[int]]]):
+        from ai_edge_litert.interpreter import Interpreter
+
+        data = read_runtime_file(bundle, filename)
+        where = bundle.directory / filename
+        try:
+            with filtered_stderr():
+                self.interpreter = Interpreter(model_content=data, num_threads=len(os.sched_getaffinity(0))
+                                               if hasattr(os, "sched_getaffinity") else os.cpu_count())
+        except (ValueError, RuntimeError) as e:
+            raise BundleError(f"{where}: not a LiteRT model this runtime can run ({str(e).splitlines()[0]})") from None
+        signatures = self.interpreter.get_signature_list()
+        self.runners = {}
+        for name, tensors in expected.items():
+            if name not in signatures:
+                raise BundleError(f"{where}: has no '{name}' signature")
+            runner = self.interpreter.get_signature_runner(name)
+            found = {**runner.get_input_details(), **runner.get_output_details()}
+            for tensor, shape in tensors.items():
+                got = found.get(tensor, {}).get("shape_signature")
+                if got is None or list(got) != shape:
+                    raise BundleError(f"{where}: signature '{name}' has {tensor} {None if got is None else list(got)}"
+                                      f", the bundle's config needs {shape}")
+            self.runners[name] = runner
+        with filtered_stderr():  # XNNPACK announces itself on the first run: do it now, on a batch of one
+            for name, runner in self.runners.items():
+                runner(**{tensor: np.zeros([1 if d == -1 else d for d in detail["shape_signature"]], detail["dtype"])
+                          for tensor, detail in runner.get_input_details().items()})
+        self.lock = threading.Lock()
+
+    def __call__(self, signature: str, **inputs: np.ndarray) -> dict[str, np.ndarray]:
+        with self.lock:  # an interpreter holds its tensors: one call at a time
+            return self.runners[signature](**inputs)
+
+
+class LiteRTEncoder:
+    """The bundle's encoder as a LiteRT model: RGB images [N, S, S, 3] -> features [N, D]."""
+
+    def __init__(self, bundle: Bundle):
+        self.identity = dict(bundle.encoder)
+        self.name, self.image_size = self.identity["name"], self.identity["image_size"]
+        self.feature_dim = self.identity["feature_dim"]
+        s, d = self.image_size, self.feature_dim
+        self._model = _Model(bundle, "encoder.tflite", {"features": {"images": [-1, s, s, 3], "features": [-1, d]}})
+
+    def __call__(self, images) -> np.ndarray:
+        batch = np.asarray(images, np.float32)
+        if batch.ndim != 4 or batch.shape[1:] != (self.image_size, self.image_size, 3):
+            raise ValueError(f"{self.name} expects images shaped [N, {self.image_size}, {self.image_size}, 3]")
+        parts = [self._model("features", images=batch[i : i + _FORWARD_BATCH])["features"]
+                 for i in range(0, len(batch), _FORWARD_BATCH)]
+        return np.concatenate(parts) if parts else np.zeros((0, self.feature_dim), np.float32)
+
+    def describe(self) -> dict:
+        """The identity recorded when the file was exported: the bundle's own."""
+        return dict(self.identity)
+
+
+class LiteRTStep:
+    """The bundle's decoder `init` and `step` as a LiteRT model (a `StepModel`)."""
+
+    runtime = "litert"
+
+    def __init__(self, bundle: Bundle):
+        sizes = bundle.decoder_sizes
+        states_per_layer = 2 if sizes.get("rnn", "lstm") == "lstm" else 1
+        self.n_states = sizes["num_layers"] * states_per_layer
+        units, states = sizes["units"], [f"state_{i}" for i in range(self.n_states)]
+        self._model = _Model(bundle, "decoder.tflite", {
+            "init": {"features": [-1, sizes["feature_dim"]], **{s: [-1, units] for s in states}},
+            "step": {"tokens": [-1], "log_probs": [-1, sizes["vocab_size"]], **{s: [-1, units] for s in states}},
+        })
+
+    def initial_state(self, features: np.ndarray) -> list[np.ndarray]:
+        out = self._model("init", features=np.asarray(features, np.float32))
+        return [out[f"state_{i}"] for i in range(self.n_states)]
+
+    def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        out = self._model("step", tokens=np.asarray(tokens, np.int32),
+                          **{f"state_{i}": np.ascontiguousarray(s) for i, s in enumerate(states)})
+        return out["log_probs"], [out[f"state_{i}"] for i in range(self.n_states)]
