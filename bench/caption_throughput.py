@@ -1,16 +1,17 @@
 """Batch captioning throughput, end to end, against the usual tutorial implementation.
 
-Phases (all in one process, on the same photos and weights):
-  cli       `captioner caption PHOTOS -o out.csv` through `captioner.cli.main`, for each beam
-            width: JPEG files on disk -> captions in a CSV, including loading the model.
-            images/s and the peak resident memory of the process during the run.
+Phases (in one run, on the same photos and weights; the runtimes are compared in that run):
+  cli       `captioner caption PHOTOS -o out.csv --runtime R --beam-size K` in a new process, for each
+            runtime and beam width: JPEG files on disk -> captions in a CSV, including starting
+            Python, importing and loading the model. images/s, CPU time and the process's peak
+            resident memory; and the same command on one photo (what typing it costs).
   latency   one photo at a time through `Captioner.caption(path)` once warm (distinct photos,
             so the feature cache never answers): what the app's upload box sees.
   baseline  the way most Keras captioning tutorials caption: encoder `model.predict` on one
             image, then one `model.predict([feature, tokens so far])` per word, greedy, in a
             Python loop. It must give the same captions as the CLI's greedy (beam 1) run.
 
-    python bench/caption_throughput.py                      # 1,000 photos, beams 1 and 3
+    python bench/caption_throughput.py                      # 1,000 photos, beams 1 and 3, tf and litert
     python bench/caption_throughput.py --images 64 --baseline-images 8   # a quick look
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -26,7 +28,6 @@ from pathlib import Path
 
 import common
 from common import (
-    PeakRSS,
     cpu_seconds,
     machine_info,
     median,
@@ -42,6 +43,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--images", type=int, default=1000, help="photos captioned by the CLI per beam width")
     p.add_argument("--beams", default="1,3", help="comma-separated beam widths for the CLI runs")
+    p.add_argument("--runtimes", default="tf,litert", help="comma-separated runtimes to compare (tf, litert)")
     p.add_argument("--batch-size", type=int, default=32, help="the CLI's --batch-size")
     p.add_argument("--baseline-images", type=int, default=50,
                    help="photos captioned by the tutorial implementation (it is slow; a rate needs few)")
@@ -55,21 +57,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def run_cli(photos: list[Path], model: str, beam: int, batch_size: int, out_csv: Path) -> dict:
-    """`captioner caption` on `photos` in this process; the rows it wrote, checked."""
-    from captioner import cli
+# `captioner caption` that says its peak memory last. The child reads its own VmHWM: the rusage of a
+# forked child would also count the benchmark's pages it started as a copy of.
+_REPORT_PEAK = """import sys
+from captioner.cli import main
+code = main(sys.argv[1:])
+from common import _peak_rss_mib
+print("peak_rss_mib", _peak_rss_mib(), file=sys.stderr)
+sys.exit(code)"""
 
-    argv = ["caption", *map(str, photos), "-o", str(out_csv), "--model", model,
-            "--beam-size", str(beam), "--batch-size", str(batch_size)]
-    cpu = cpu_seconds()
-    with PeakRSS() as memory:
-        seconds, code = timed(lambda: cli.main(argv))
-    cpu = cpu_seconds() - cpu
+
+def run_cli(photos: list[Path], model: str, runtime: str, beam: int, batch_size: int, out_csv: Path) -> dict:
+    """`captioner caption` on `photos` in a new process; its wall and CPU time, peak memory and rows."""
+    command = [sys.executable, "-c", _REPORT_PEAK, "caption", *map(str, photos), "-o", str(out_csv), "--overwrite",
+               "--model", model, "--runtime", runtime, "--beam-size", str(beam), "--batch-size", str(batch_size)]
+    start = time.perf_counter()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(common.REPO / "bench"), str(common.REPO)])}
+    process = subprocess.Popen(command, cwd=common.REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    _, status, usage = os.wait4(process.pid, 0)  # this child's own CPU time
+    seconds = time.perf_counter() - start
+    *lines, peak_line = process.stderr.read().decode().splitlines() or [""]
+    stderr = "\n".join(lines)
+    process.returncode = os.waitstatus_to_exitcode(status)
     with open(out_csv, encoding="utf-8", newline="") as f:
         rows = list(csv.DictReader(f))
-    if code != 0 or len(rows) != len(photos) or any(r["error"] for r in rows):
-        raise SystemExit(f"captioner caption failed (exit {code}, {len(rows)} rows for {len(photos)} photos)")
-    return {"seconds": seconds, "cpu_seconds": cpu, "peak_rss_mib": memory.peak_mib, "captions": {r["image"]: r["caption"] for r in rows}}
+    if process.returncode != 0 or len(rows) != len(photos) or any(r["error"] for r in rows):
+        raise SystemExit(f"captioner caption failed (exit {process.returncode}, {len(rows)} rows for {len(photos)} "
+                         f"photos): {stderr[-500:]}")
+    return {"seconds": seconds, "cpu_seconds": usage.ru_utime + usage.ru_stime,
+            "peak_rss_mib": float(peak_line.split()[-1]) if peak_line.startswith("peak_rss_mib") else None,
+            "stderr": stderr, "captions": {r["image"]: r["caption"] for r in rows}}
 
 
 def warm_latency(captioner, photos: list[Path], warmup: int = 3) -> list[float]:
@@ -132,45 +149,52 @@ def main(argv=None) -> int:
     result: dict = {"machine": info, "config": {**vars(args), "model": model, "photos": photo_source},
                      "model": {"decoder": bundle_config["decoder"], "encoder": bundle_config["encoder"]["name"],
                                "best": bundle_config.get("info", {}).get("best")}}
+    runtimes = args.runtimes.split(",")
+    result["matmul"] = common.matmul_gflops()  # this machine's rate, now: figures are read against it
     rows = []
     cli_runs = {}
     if "cli" in phases:
-        # A new process for one photo: what typing the command costs, imports included.
-        command = [sys.executable, "-m", "captioner", "caption", str(photos[0]), "--model", model]
-        result["command_one_photo_seconds"], _ = timed(lambda: subprocess.run(command, check=True, cwd=common.REPO,
-                                                                               capture_output=True))
-        # In this process: a first call pays TensorFlow's one-time set-up; the second gives the
-        # fixed cost of every call (model load, tracing), which the N-photo runs amortise.
-        run_cli(photos[:1], model, beams[-1], args.batch_size, workdir / "one.csv")
-        one = run_cli(photos[:1], model, beams[-1], args.batch_size, workdir / "one.csv")
-        result["cli_one_photo_seconds"] = one["seconds"]
-        for beam in beams:
-            run = run_cli(photos[: args.images], model, beam, args.batch_size, workdir / f"beam{beam}.csv")
-            cli_runs[beam] = run
-            # The rate once loaded: meaningful only when the run is much longer than its fixed cost.
-            extra = run["seconds"] - one["seconds"]
-            steady = (args.images - 1) / extra if extra > one["seconds"] else None
-            rows.append({"what": f"CLI, beam {beam}", "images": args.images, "seconds": run["seconds"],
-                         "images/s": args.images / run["seconds"], "steady images/s": steady,
-                         "CPU ms/image": 1000 * run["cpu_seconds"] / args.images, "peak RSS MiB": run["peak_rss_mib"]})
-        result["cli"] = [{k: v for k, v in r.items()} for r in rows]
+        for runtime in runtimes:
+            one = run_cli(photos[:1], model, runtime, beams[-1], args.batch_size, workdir / "one.csv")
+            result.setdefault("command_one_photo_seconds", {})[runtime] = one["seconds"]
+            for beam in beams:
+                run = run_cli(photos[: args.images], model, runtime, beam, args.batch_size,
+                              workdir / f"{runtime}-beam{beam}.csv")
+                cli_runs[runtime, beam] = run
+                # The rate once loaded: meaningful only when the run is much longer than its fixed cost.
+                extra = run["seconds"] - one["seconds"]
+                steady = (args.images - 1) / extra if extra > one["seconds"] else None
+                rows.append({"what": f"CLI, {runtime}, beam {beam}", "images": args.images, "seconds": run["seconds"],
+                             "images/s": args.images / run["seconds"], "steady images/s": steady,
+                             "CPU ms/image": 1000 * run["cpu_seconds"] / args.images,
+                             "peak RSS MiB": run["peak_rss_mib"]})
+        result["cli"] = [dict(r) for r in rows]
+        if {"tf", "litert"} <= set(runtimes):
+            result["litert_vs_tf"] = {}
+            for beam in beams:
+                a, b = cli_runs["tf", beam], cli_runs["litert", beam]
+                same = sum(a["captions"][k] == b["captions"][k] for k in a["captions"])
+                result["litert_vs_tf"][f"beam {beam}"] = {"speedup": a["seconds"] / b["seconds"],
+                                                          "same_captions": same, "images": len(a["captions"])}
 
     captioner = None
     if "latency" in phases:
-        captioner = Captioner.load(model)
-        times = warm_latency(captioner, photos[-(args.latency_photos + 3):])
-        result["latency"] = {"calls": len(times), "median_ms": 1000 * median(times),
-                             "p90_ms": 1000 * percentile(times, 90), "max_ms": 1000 * max(times),
-                             "options": captioner.options.to_dict()}
-        rows.append({"what": "Captioner.caption(path), warm", "images": len(times),
-                     "seconds": sum(times), "images/s": len(times) / sum(times),
-                     "median ms": 1000 * median(times), "p90 ms": 1000 * percentile(times, 90)})
+        result["latency"] = {}
+        for runtime in runtimes:
+            captioner = Captioner.load(model, runtime=runtime)
+            times = warm_latency(captioner, photos[-(args.latency_photos + 3):])
+            result["latency"][runtime] = {"calls": len(times), "median_ms": 1000 * median(times),
+                                          "p90_ms": 1000 * percentile(times, 90), "max_ms": 1000 * max(times),
+                                          "options": captioner.options.to_dict()}
+            rows.append({"what": f"Captioner.caption(path), {runtime}, warm", "images": len(times),
+                         "seconds": sum(times), "images/s": len(times) / sum(times),
+                         "median ms": 1000 * median(times), "p90 ms": 1000 * percentile(times, 90)})
 
     if "baseline" in phases:
-        captioner = captioner or Captioner.load(model)
+        captioner = Captioner.load(model, runtime="tf")  # the tutorial drives Keras models
         subset = photos[: args.baseline_images]
         bundle, encoder = captioner.bundle, captioner.encoder
-        reference = cli_runs[1]["captions"] if 1 in cli_runs else {
+        reference = cli_runs["tf", 1]["captions"] if ("tf", 1) in cli_runs else {
             r.source: r.caption for r in captioner.caption([str(p) for p in subset], method="greedy")}
         tutorial_caption(photos[-1], encoder, bundle.model, bundle.vocab, bundle.decoding.max_len)  # traces predict
         cpu = cpu_seconds()
@@ -200,8 +224,13 @@ def main(argv=None) -> int:
         steady = f", {value['steady']:.1f}x once loaded" if value["steady"] else ""
         print(f"speed-up over the tutorial implementation, {key}: {value['end_to_end']:.1f}x end to end{steady}, "
               f"{value['cpu_time']:.1f}x less CPU time per image")
-    if "command_one_photo_seconds" in result:
-        print(f"`captioner caption` on one photo in a new process: {result['command_one_photo_seconds']:.1f} s")
+    for runtime, seconds in result.get("command_one_photo_seconds", {}).items():
+        print(f"`captioner caption --runtime {runtime}` on one photo in a new process: {seconds:.2f} s")
+    for beam, value in result.get("litert_vs_tf", {}).items():
+        print(f"LiteRT vs TensorFlow, {beam}: {value['speedup']:.2f}x the photos/s, "
+              f"{value['same_captions']} of {value['images']} captions identical")
+    m = result["matmul"]
+    print(f"this machine's float32 matmul rate in this run: {m['best_gflops']:.0f} GFLOP/s (best of 7)")
     if "baseline" in result:
         b = result["baseline"]
         print(f"tutorial vs CLI greedy: {b['same_captions']} of {b['images']} captions identical")

@@ -22,7 +22,8 @@ from captioner.output import FIELDS as OUTPUT_FIELDS
 from captioner.synthetic import random_scene, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "make-shapes", "encoders"]
+NOT_AN_IMAGE = "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
+SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "export", "make-shapes", "encoders"]
 
 
 @dataclass
@@ -49,7 +50,7 @@ def make_photos(folder: Path) -> dict[str, str | None]:
     (folder / "notes.jpg").write_text("remember to buy milk\n")
     (folder / "readme.txt").write_text("not picked up: wrong suffix\n")
     return {**{f"good_{i}.jpg": None for i in range(4)}, "broken.jpg": "corrupt or truncated image",
-            "empty.jpg": "empty file (0 bytes)", "notes.jpg": "not an image in a supported format"}
+            "empty.jpg": "empty file (0 bytes)", "notes.jpg": NOT_AN_IMAGE}
 
 
 @pytest.fixture(scope="module")
@@ -164,7 +165,7 @@ def test_caption_to_stdout_with_top_beams(runs):
         assert first[4] == caption.split("\t")[1]  # the caption is the first beam
         assert float(first[2].split()[1]) >= float(second[2].split()[1])  # ranked by score
         assert all(float(b[3].split()[1]) < 0 for b in (first, second))
-    assert run.error_lines == [f"error: {photos / 'notes.jpg'}: not an image in a supported format"]
+    assert run.error_lines == [f"error: {photos / 'notes.jpg'}: {NOT_AN_IMAGE}"]
 
 
 def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
@@ -186,7 +187,7 @@ def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
     assert good_3["caption"] and good_3["error"] is None and isinstance(good_3["log_prob"], float)
     notes = next(r for r in rows if r["image"] == str(photos / "notes.jpg"))
     assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None, "score": None,
-                     "error": "not an image in a supported format"}
+                     "error": NOT_AN_IMAGE}
 
 
 def test_top_beams_in_csv_and_jsonl(runs):
