@@ -33,6 +33,10 @@ from captioner.output import results_csv, results_json
 Photo = tuple[str, bytes]  # (file name shown to the user, file content)
 
 ICON = Path(__file__).parent / "data" / "app-icon.png"  # a local file: the page fetches nothing from outside
+# What one visitor may ask of the server, set here so it holds wherever the page is started from.
+MAX_UPLOAD_MB = 25  # per file
+MAX_PHOTO_PIXELS = 40_000_000  # per photo, refused from its header: a 12-48 MP phone photo passes
+MAX_SESSION_PHOTOS = 48  # photos captioned per visit: with the per-photo limit, the session's pixel budget
 METHOD_LABELS = {"beam": "Beam search", "greedy": "Greedy", "sample": "Sampling"}
 BATCH_SIZE = 8  # photos per encoder pass: small enough for the progress bar to move
 COLUMNS = 3
@@ -95,7 +99,7 @@ def caption_photos(captioner: Captioner, photos: Sequence[Photo], options: Decod
             path = Path(tmp) / f"{i:05d}"  # the user's name may hold anything; Pillow reads the content
             path.write_bytes(data)
             paths.append(str(path))
-        for result in captioner.iter_captions(paths, options, batch_size=BATCH_SIZE):
+        for result in captioner.iter_captions(paths, options, batch_size=BATCH_SIZE, max_pixels=MAX_PHOTO_PIXELS):
             results.append(replace(result, source=photos[len(results)][0]))
             if on_progress:
                 on_progress(len(results), len(photos))
@@ -155,9 +159,10 @@ def show_missing_model(error: Exception | None) -> None:
 
 
 def model_summary(captioner: Captioner) -> str:
-    """One line about the loaded model: encoder, vocabulary, training data, dev score."""
+    """One line about the loaded model: encoder, vocabulary, training data, dev score, runtime."""
     info, bundle = captioner.bundle.info, captioner.bundle
-    parts = [f"encoder **{bundle.encoder['name']}**", f"{len(bundle.vocab):,} words"]
+    runtime = {"litert": "LiteRT", "tf": "TensorFlow"}.get(captioner.runtime, captioner.runtime)
+    parts = [f"encoder **{bundle.encoder['name']}**", f"{len(bundle.vocab):,} words", f"runs on {runtime}"]
     if trained_on := (info.get("dataset") or {}).get("train_images"):
         parts.append(f"trained on {trained_on:,} photos")
     if (bleu4 := (info.get("best") or {}).get("val_bleu4")) is not None:
@@ -260,6 +265,10 @@ def choose_model() -> tuple[Path, bool]:
 
 def main() -> None:
     st.set_page_config(page_title="Captioner", page_icon=str(ICON), layout="wide")
+    # Visitors see a one-line error, never a stack trace, and no developer menu, wherever this
+    # page is started from (.streamlit/config.toml applies only in the repository's root).
+    st.set_option("client.showErrorDetails", "none")
+    st.set_option("client.toolbarMode", "viewer")
     st.markdown(STYLE, unsafe_allow_html=True)
     st.title(":material/photo_camera: Captioner", anchor=False)
     st.markdown(
@@ -281,12 +290,19 @@ def main() -> None:
         options = sidebar_settings(captioner)
 
     uploads = st.file_uploader("Your photos", accept_multiple_files=True, key="uploads",
-                               help="JPEG, PNG, WebP, BMP, GIF or TIFF; several at once is fine. Animated GIFs "
-                               "are captioned by their first frame.")
+                               max_upload_size=MAX_UPLOAD_MB,
+                               help=f"JPEG, PNG, WebP, BMP, GIF or TIFF, up to {MAX_UPLOAD_MB} MB and "
+                               f"{MAX_PHOTO_PIXELS // 1_000_000} megapixels each; several at once is fine. "
+                               "Animated GIFs are captioned by their first frame.")
     photos = chosen_photos(uploads or [])
     if not photos:
         st.info("Add a photo above, or tick an example, to see its caption.", icon=":material/arrow_upward:")
         return
+    if len(photos) > MAX_SESSION_PHOTOS:
+        st.warning(f"This page captions up to {MAX_SESSION_PHOTOS} photos at a time; the first {MAX_SESSION_PHOTOS} "
+                   "are shown. For more, use the command line (`captioner caption FOLDER -o captions.csv`).",
+                   icon=":material/photo_library:")
+        photos = photos[:MAX_SESSION_PHOTOS]
 
     results = captions_for(captioner, model_key, photos, options)
     failed = sum(not r.ok for r in results)

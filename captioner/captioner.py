@@ -12,7 +12,7 @@ from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
 from captioner.features import FeatureCache, iter_features
-from captioner.images import ImageError, ImageSource, describe_source
+from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
 
 RUNTIMES = ("auto", "litert", "tf")
 
@@ -129,10 +129,11 @@ class Captioner:
         return results
 
     def iter_captions(self, images: Sequence[ImageSource], options: DecodeOptions | None = None,
-                      batch_size: int = 32, **overrides) -> Iterator[CaptionResult]:
-        """Stream results in input order, a batch at a time (for large folders)."""
+                      batch_size: int = 32, max_pixels: int = MAX_PIXELS, **overrides) -> Iterator[CaptionResult]:
+        """Stream results in input order, a batch at a time (for large folders). A photo of more
+        than `max_pixels` pixels is refused from its header (a server passes a smaller budget)."""
         options = replace(options or self.options, **overrides)
-        for batch in iter_features(images, self.encoder, self.cache, batch_size):
+        for batch in iter_features(images, self.encoder, self.cache, batch_size, max_pixels):
             hyps = dict(zip(batch.indices, self.decode_features(batch.features, options)))
             errors = dict(batch.errors)
             for i in sorted([*hyps, *errors]):

@@ -21,7 +21,7 @@ import numpy as np
 from PIL import Image
 
 from captioner.fileio import atomic_save, sha256_file
-from captioner.images import LOADER_VERSION, ImageError, ImageSource, describe_source, load_image
+from captioner.images import LOADER_VERSION, MAX_PIXELS, ImageError, ImageSource, describe_source, load_image
 
 log = logging.getLogger(__name__)
 # Threads decoding photos: enough to keep ahead of the encoder on a few cores.
@@ -124,14 +124,15 @@ class _Prepared:
 
 
 def iter_features(
-    sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32
+    sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32,
+    max_pixels: int = MAX_PIXELS,
 ) -> Iterator[FeatureBatch]:
     """Encode `sources` batch by batch, in order, so callers can stream results.
 
     A thread pool hashes, looks up and decodes the next batch's photos (Pillow releases the GIL)
     while the encoder runs on this one. Plain threads rather than tf.data: the caption path may
     run without TensorFlow (the LiteRT runtime). A photo that cannot be read becomes an entry in
-    `errors`, never an exception.
+    `errors`, never an exception. A photo of more than `max_pixels` is refused from its header.
     """
     size = encoder.image_size
 
@@ -141,7 +142,7 @@ def iter_features(
             cached = cache.get(key) if cache is not None else None
             if cached is not None:
                 return _Prepared(key, cached=cached)
-            return _Prepared(key, pixels=load_image(sources[i], size))
+            return _Prepared(key, pixels=load_image(sources[i], size, max_pixels))
         except ImageError as e:
             return _Prepared(error=e)
         except (OSError, TypeError) as e:  # unreadable file or unknown source type met while hashing:
