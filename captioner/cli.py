@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "epoch on dev BLEU-4. Rerun the same command to resume an interrupted run.")
     _data_options(p)
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: the bundle goes to DIR/model")
+    p.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+                   help="'mirrored': split each batch over every GPU of this machine (tf.distribute); "
+                   "default: one device (a GPU if there is one)")
     _train_options(p)
     _encoder_options(p)
 
@@ -307,13 +310,14 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
     from captioner.train_config import TrainConfig
-    from captioner.training import train
+    from captioner.training import make_strategy, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     config = TrainConfig.preset(args.preset, **overrides)
     dataset = load_dataset(args.data, args.layout, args.images)
-    bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args))
+    bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args),
+                   strategy=make_strategy(args.distribute))
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k != "epoch"))
