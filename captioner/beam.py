@@ -188,7 +188,10 @@ class CaptionerModelHandler(ModelHandler[str, Any, Any]):
         return out
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self.max_batch_size}
+        # BatchElements would start at one photo and grow; every decoding step has a fixed cost,
+        # so small batches halve the throughput (measured, docs/scale.md). A bundle's last
+        # batch may still be smaller.
+        return {"min_batch_size": min(self.batch_size, self.max_batch_size), "max_batch_size": self.max_batch_size}
 
     def share_model_across_processes(self) -> bool:
         return self.share_across_processes
@@ -285,7 +288,7 @@ class EncoderModelHandler(ModelHandler[tuple, tuple, Any]):
         return out
 
     def batch_elements_kwargs(self) -> Mapping[str, Any]:
-        return {"min_batch_size": 1, "max_batch_size": self.max_batch_size}
+        return {"min_batch_size": min(self.batch_size, self.max_batch_size), "max_batch_size": self.max_batch_size}
 
     def get_metrics_namespace(self) -> str:
         return "captioner"
