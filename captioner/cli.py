@@ -29,6 +29,19 @@ class UsageError(ValueError):
     """A bad combination of options, found before any work starts."""
 
 
+class _BeamParser(argparse.ArgumentParser):
+    """A `captioner beam` job's parser: options it does not know are Beam pipeline options, kept
+    in `pipeline_args` for Beam to parse, instead of errors."""
+
+    def __init__(self, **kwargs):
+        super().__init__(allow_abbrev=False, **kwargs)  # --temp_location is Beam's, not an abbreviation
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        namespace.pipeline_args = [*getattr(namespace, "pipeline_args", []), *extras]
+        return namespace, []
+
+
 def _decoding_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("decoding (defaults: the model's own)")
     g.add_argument("--method", choices=METHODS, help=f"decoding method (usually {_DEFAULTS.method})")
@@ -119,6 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "epoch on dev BLEU-4. Rerun the same command to resume an interrupted run.")
     _data_options(p)
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: the bundle goes to DIR/model")
+    p.add_argument("--distribute", choices=("none", "mirrored"), default="none",
+                   help="'mirrored': split each batch over every GPU of this machine (tf.distribute); "
+                   "default: one device (a GPU if there is one)")
     _train_options(p)
     _encoder_options(p)
 
@@ -145,6 +161,50 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("encoders", help="list the available image encoders")
+
+    p = sub.add_parser("beam", help="run captioning or feature extraction as an Apache Beam job (needs the beam extra)",
+                       description="Apache Beam jobs on any runner: the DirectRunner on this machine (default), "
+                       "or Dataflow, Flink, Spark. Options this command does not know (--runner, "
+                       "--direct_num_workers, --project, ...) are Beam pipeline options. Output goes to "
+                       "PREFIX-<kind>-SSSSS-of-NNNNN files once the job has succeeded.")
+    jobs = p.add_subparsers(dest="job", required=True, metavar="JOB", parser_class=_BeamParser)
+    j = jobs.add_parser("caption", help="caption photos matching a glob into sharded JSONL",
+                        description="Caption every file matching --input (local paths or any store Beam reads, "
+                        "e.g. gs://bucket/photos/*.jpg). Rows are those of `captioner caption -o x.jsonl`: "
+                        "captioned photos in PREFIX-captions-*.jsonl, unreadable ones with the reason in "
+                        "PREFIX-failures-*.jsonl; a bad photo never fails the job.")
+    j.add_argument("--input", required=True, metavar="GLOB", help="photos to caption (a file pattern)")
+    j.add_argument("--output", required=True, metavar="PREFIX", help="output prefix (local path or store URL)")
+    j.add_argument("--overwrite", action="store_true",
+                   help="replace existing PREFIX-* output (removed only once the new job has succeeded)")
+    j.add_argument("--top", type=int, default=1, metavar="N", help="also give the N best beams (beam search only)")
+    j.add_argument("--num-shards", type=int, default=0, metavar="N", help="caption shards (default: the runner's choice)")
+    j.add_argument("--batch-size", type=int, default=32, help="photos encoded at once (default 32)")
+    j.add_argument("--max-batch-size", type=int, default=64, help="largest batch Beam hands a worker (default 64)")
+    j.add_argument("--share-model-across-processes", action="store_true",
+                   help="one model per machine instead of per worker process (e.g. one GPU, many workers)")
+    _model_option(j)
+    _decoding_options(j)
+    j = jobs.add_parser("extract-features", help="encode a dataset's photos into sharded TFRecord files",
+                        description="Encode a dataset's photos on Beam into PREFIX-features-*.tfrecord with "
+                        "PREFIX-manifest.json; `captioner import-features PREFIX` then fills the feature cache "
+                        "that `captioner train` reads.")
+    _data_options(j)
+    j.add_argument("--split", choices=("train", "dev", "test", "all"), default="all")
+    j.add_argument("--output", required=True, metavar="PREFIX", help="output prefix (local path or store URL)")
+    j.add_argument("--overwrite", action="store_true",
+                   help="replace existing PREFIX-* output (removed only once the new job has succeeded)")
+    j.add_argument("--num-shards", type=int, default=0, metavar="N", help="feature shards (default: the runner's choice)")
+    j.add_argument("--batch-size", type=int, default=32, help="photos encoded at once (default 32)")
+    j.add_argument("--encoder", metavar="NAME", help="image encoder (default: efficientnet-lite0)")
+    j.add_argument("--encoder-weights", default="default", metavar="W",
+                   help="'default' (offline file), 'imagenet' (Keras download) or a .weights.h5 path")
+
+    p = sub.add_parser("import-features", help="put sharded features (from `beam extract-features`) into the cache",
+                       description="Stream the TFRecord shards named by PREFIX-manifest.json into the feature "
+                       "cache, so `captioner train` and `evaluate` with that cache encode nothing.")
+    p.add_argument("prefix", metavar="PREFIX")
+    _encoder_options(p)
     return parser
 
 
@@ -262,13 +322,14 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
     from captioner.train_config import TrainConfig
-    from captioner.training import train
+    from captioner.training import make_strategy, train
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
     config = TrainConfig.preset(args.preset, **overrides)
     dataset = load_dataset(args.data, args.layout, args.images)
-    bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args))
+    bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args),
+                   strategy=make_strategy(args.distribute))
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k != "epoch"))
@@ -316,8 +377,68 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_beam(args: argparse.Namespace) -> int:
+    if args.batch_size < 1 or getattr(args, "num_shards", 0) < 0:
+        raise UsageError("--batch-size must be at least 1 and --num-shards at least 0")
+    return {"caption": _beam_caption, "extract-features": _beam_extract_features}[args.job](args)
+
+
+def _beam_caption(args: argparse.Namespace) -> int:
+    from functools import partial
+
+    decode_options(args)  # a bad flag fails here, not on every worker
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model: {args.model}: no such model bundle folder")
+    from captioner.beam import CaptionerModelHandler, caption_job
+
+    flags = argparse.Namespace(**{name: getattr(args, name, None) for name in [*DECODE_FLAGS, "top"]})
+    handler = CaptionerModelHandler(args.model, args.encoder_weights, partial(decode_options, flags),
+                                    args.batch_size, max(args.batch_size, args.max_batch_size),
+                                    args.share_model_across_processes)
+    started = time.time()
+    report = caption_job(args.input, args.output, handler, args.top, args.pipeline_args, args.overwrite,
+                         args.num_shards)
+    captioned, failed = report.counts.get("captions", 0), report.counts.get("failures", 0)
+    print(f"captioned {captioned} of {captioned + failed} photos in {time.time() - started:.1f} s"
+          + (f"; {failed} failed (see {args.output}-failures-*.jsonl)" if failed else "")
+          + f"; rows in {args.output}-captions-*.jsonl", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def _beam_extract_features(args: argparse.Namespace) -> int:
+    from captioner.beam import EncoderModelHandler, features_job
+    from captioner.data import load_dataset
+
+    dataset = load_dataset(args.data, args.layout, args.images)
+    ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
+    encoder = _encoder(args)  # its identity goes into the manifest
+    handler = EncoderModelHandler(encoder.name, args.encoder_weights, args.batch_size)
+    started = time.time()
+    report = features_job({i: str(dataset.images[i]) for i in ids}, args.output, encoder.describe(), handler,
+                          {"dataset": dataset.describe(), "split": args.split}, args.pipeline_args,
+                          args.overwrite, args.num_shards)
+    failed = report.counts["failures"]
+    print(f"{report.counts['features']} of {len(ids)} photos encoded with {encoder.name} in "
+          f"{time.time() - started:.1f} s" + (f"; {failed} failed (see {args.output}-failures-*.jsonl)" if failed else "")
+          + f"; manifest {args.output}-manifest.json", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_import_features(args: argparse.Namespace) -> int:
+    from captioner.feature_shards import import_into_cache, read_manifest
+    from captioner.features import FeatureCache
+
+    args.encoder = args.encoder or read_manifest(args.prefix)["encoder"]["name"]
+    identity = _encoder(args).describe()  # the real encoder's, so features of other weights are refused
+    cache = FeatureCache(identity, _cache_dir(args))
+    count = import_into_cache(args.prefix, cache, identity)
+    print(f"{count} features of {identity['name']} put into {cache.directory}")
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,
-            "evaluate": cmd_evaluate, "export": cmd_export, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders}
+            "evaluate": cmd_evaluate, "export": cmd_export, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders,
+            "beam": cmd_beam, "import-features": cmd_import_features}
 
 
 def main(argv: list[str] | None = None) -> int:

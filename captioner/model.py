@@ -1,7 +1,7 @@
 """The Show-and-Tell decoder: an image feature initialises the state of an LSTM over words."""
 from __future__ import annotations
 
-from captioner.quiet_tensorflow import keras
+from captioner.quiet_tensorflow import keras, tf
 
 layers, ops = keras.layers, keras.ops
 
@@ -106,7 +106,11 @@ class ShowAndTell(keras.Model):
 @keras.saving.register_keras_serializable(package="captioner")
 class MaskedCrossEntropy(keras.losses.Loss):
     """Next-word cross-entropy averaged over the real tokens of a batch: `<pad>` (id 0) targets
-    count for nothing, however much padding a batch has."""
+    count for nothing, however much padding a batch has.
+
+    Under a `tf.distribute` strategy each replica's mean is divided by the number of replicas, as
+    Keras does for its own mean losses: `fit` sums the replicas' gradients and multiplies the
+    logged loss back, so step and figure match one device's."""
 
     def __init__(self, label_smoothing: float = 0.0, name: str = "masked_cross_entropy", **kwargs):
         kwargs["reduction"] = "sum"  # the mean over real tokens is taken in `call`
@@ -123,7 +127,8 @@ class MaskedCrossEntropy(keras.losses.Loss):
         else:
             loss = keras.losses.sparse_categorical_crossentropy(y_true, y_pred, from_logits=True)
         real = ops.cast(ops.not_equal(y_true, 0), loss.dtype)
-        return loss * real / ops.maximum(ops.sum(real), 1.0)
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        return loss * real / ops.maximum(ops.sum(real), 1.0) / replicas
 
     def get_config(self) -> dict:
         config = super().get_config()

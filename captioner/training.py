@@ -157,11 +157,14 @@ def train(
     config: TrainConfig | None = None,
     cache_dir: str | Path | None = None,
     verbose: int = 2,
+    strategy: tf.distribute.Strategy | None = None,
 ) -> Bundle:
     """Train on the dataset's train split, select on dev, and return the best bundle.
 
     Writes `<output>/model` (the bundle), `<output>/history.csv` and `<output>/backup`
     (deleted when training completes). Rerunning an interrupted call resumes it.
+    `strategy` (e.g. `tf.distribute.MirroredStrategy()`) spreads each batch of
+    `config.batch_size` captions over its devices; default: the one default device.
     """
     config = config or TrainConfig()
     output = Path(output)
@@ -192,14 +195,23 @@ def train(
     log.info("vocabulary %d words; %d train captions of %d images; %d dev images",
              len(vocab), len(rows), len(train_ids), len(dev_ids))
 
-    model = build_model(config, len(vocab), encoder.feature_dim)
-    warmup = int(config.warmup_epochs * steps)
-    schedule = keras.optimizers.schedules.CosineDecay(
-        config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
-        warmup_target=config.learning_rate, warmup_steps=warmup,
-    )
-    model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
-                  loss=MaskedCrossEntropy(config.label_smoothing))
+    # Variables made in the strategy's scope are mirrored on its devices; `fit` then splits
+    # every batch among them and sums the gradients.
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = build_model(config, len(vocab), encoder.feature_dim)
+        warmup = int(config.warmup_epochs * steps)
+        schedule = keras.optimizers.schedules.CosineDecay(
+            config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
+            warmup_target=config.learning_rate, warmup_steps=warmup,
+        )
+        model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
+                      loss=MaskedCrossEntropy(config.label_smoothing))
+        if strategy is not None:
+            # Keras 3 builds a distributed model on the MEAN of the first batch's replicas, which
+            # turns the word ids into floats that the embedding refuses; build it on a real-typed
+            # batch first (an evaluation step: the weights do not change).
+            words = np.zeros((1, 2), np.int32)
+            model.test_on_batch((np.zeros((1, encoder.feature_dim), np.float32), words), words)
 
     def make_bundle(best: dict) -> Bundle:
         # The dataset as described, not where it lay on the trainer's machine.
@@ -240,3 +252,15 @@ def train(
     add_litert_files(output / "model", encoder)
     return load_bundle(output / "model")
 
+
+def make_strategy(name: str) -> tf.distribute.Strategy | None:
+    """The `tf.distribute` strategy `captioner train --distribute NAME` asks for: "none" (the
+    default device: a GPU if TensorFlow sees one, else the CPU) or "mirrored" (every GPU of this
+    machine, or the logical CPU devices configured before TensorFlow started)."""
+    if name == "none":
+        return None
+    if name == "mirrored":
+        # MirroredStrategy() alone takes every GPU, but only the first CPU device.
+        gpus = tf.config.list_logical_devices("GPU")
+        return tf.distribute.MirroredStrategy(None if gpus else [d.name for d in tf.config.list_logical_devices("CPU")])
+    raise ValueError(f"--distribute: unknown strategy {name!r}; choose none or mirrored")
