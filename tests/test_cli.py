@@ -71,6 +71,13 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
                        encoding="utf-8")
     (base / "foreign.csv").write_text("name,score\nalice,3\n")
     (base / "taken.csv").write_text("somebody's work\n")
+    # Names that once stopped a batch or forged output lines: not UTF-8, a newline, a formula.
+    odd = base / "odd"
+    odd.mkdir()
+    good = (photos / "good_0.jpg").read_bytes()
+    for name in (b"caf\xe9.jpg", b"two\nerror: lines.jpg", b"=1+1.jpg"):
+        (odd / os.fsdecode(name)).write_bytes(good)
+    (odd / os.fsdecode(b"bad\n\x1b[31mred.jpg")).write_bytes(b"not a photo")
     # A `tensorflow` that fails on import: commands that need no model must not import the real one.
     poison = base / "poison"
     poison.mkdir()
@@ -81,6 +88,7 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
                    "--model", model, "--top", "2"],
         "resume": ["caption", str(photos), "--model", model, "-o", str(partial), "--resume"],
         "missing path": ["caption", str(photos / "nope.jpg"), "--model", model],
+        "odd names": ["caption", str(odd), "--model", model, "-o", str(base / "odd.csv")],
         "top csv": ["caption", str(photos / "good_1.jpg"), "--model", model, "--top", "3", "-o", str(base / "top.csv")],
         "top jsonl": ["caption", str(photos / "good_1.jpg"), "--model", model, "--top", "3",
                       "-o", str(base / "top.jsonl")],
@@ -260,3 +268,15 @@ def test_help_for_every_subcommand(runs):
 def test_an_existing_output_is_left_alone_when_refused(runs):
     base, _, _ = runs["meta"]
     assert (base / "taken.csv").read_text() == "somebody's work\n"
+
+
+def test_odd_file_names_neither_stop_the_batch_nor_forge_lines(runs):
+    base, _, _ = runs["meta"]
+    run = runs["odd names"]
+    no_traceback(run)
+    assert run.returncode == 1  # the one broken photo
+    [error] = run.error_lines  # one line for it, its newline and escape code shown escaped
+    assert "bad\\n\\x1b[31mred.jpg: " in error and "\x1b" not in run.stderr
+    with open(base / "odd.csv", newline="", encoding="utf-8") as f:
+        names = sorted(Path(r["image"]).name for r in csv.DictReader(f))
+    assert names == ["=1+1.jpg", "bad\n\x1b[31mred.jpg", "caf\\xe9.jpg", "two\nerror: lines.jpg"]
