@@ -33,6 +33,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="captions per step (default: the default preset's)")
     p.add_argument("--vocab", type=int, default=2600, help="vocabulary size without Flickr8k captions")
     p.add_argument("--jit-compile", action="store_true", help="compile the train step with XLA")
+    p.add_argument("--precisions", default="float32,mixed_bfloat16",
+                   help="Keras dtype policies to compare, chunk by chunk in the same run (the first is the reference)")
     p.add_argument("--chunks", type=int, default=5, help="timed chunks, with a matmul measurement around each")
     p.add_argument("--matmul-size", type=int, default=2048)
     p.add_argument("--synthetic", action="store_true", help="random captions even when Flickr8k is there")
@@ -98,13 +100,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     info = machine_info()
 
-    import keras
     import numpy as np
 
     from captioner.model import MaskedCrossEntropy, ShowAndTell
+    from captioner.quiet_tensorflow import keras
     from captioner.training import TrainConfig, teacher_forcing_dataset
 
-    config = TrainConfig.preset("default", batch_size=args.batch_size)
+    config = TrainConfig.preset("default", **({"batch_size": args.batch_size} if args.batch_size else {}))
     keras.utils.set_random_seed(config.seed)
     vocab, rows, sequences, source = caption_data(config, args.vocab, args.synthetic)
     feature_dim = 1280  # the default encoder's
@@ -114,30 +116,44 @@ def main(argv=None) -> int:
     print(f"{source}: {len(rows)} captions, vocabulary {V}; model E={E} U={U} batch {config.batch_size}; "
           f"load average {info['load_average_at_start']}")
 
-    model = ShowAndTell(V, feature_dim, E, U, config.num_layers, config.dropout, config.rnn)
-    model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
-                  loss=MaskedCrossEntropy(config.label_smoothing),
-                  metrics=count_metrics(),
-                  jit_compile=args.jit_compile)
+    precisions = args.precisions.split(",")
+    models = {}
+    for precision in precisions:
+        keras.mixed_precision.set_dtype_policy(precision)  # layers take the policy when built
+        model = ShowAndTell(V, feature_dim, E, U, config.num_layers, config.dropout, config.rnn)
+        model.compile(optimizer=keras.optimizers.Adam(config.learning_rate, clipnorm=config.clipnorm),
+                      loss=MaskedCrossEntropy(config.label_smoothing),
+                      metrics=count_metrics(),
+                      jit_compile=args.jit_compile)
+        model.fit(dataset, epochs=1, steps_per_epoch=args.warmup, verbose=0)
+        models[precision] = model
+    keras.mixed_precision.set_dtype_policy("float32")
 
     # The machine is shared: measure its matmul rate between chunks of training, so each
-    # chunk is compared with what the machine delivered around the same time.
-    model.fit(dataset, epochs=1, steps_per_epoch=args.warmup, verbose=0)
+    # chunk is compared with what the machine delivered around the same time; the precisions
+    # take turns chunk by chunk, so both see the same machine.
     lstm = 2 * 4 * (E + U) * U * config.num_layers
     projection = 2 * U * V
     flops_per_token = 3 * (lstm + projection)
     rates = [matmul_gflops(args.matmul_size, repeats=3)["best_gflops"]]
-    chunks = []
+    chunks, by_precision = [], {p: [] for p in precisions}
     for steps in np.diff(np.linspace(0, args.steps, args.chunks + 1).round().astype(int)):
-        start = time.perf_counter()
-        history = model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=0).history
-        seconds = time.perf_counter() - start
-        rates.append(matmul_gflops(args.matmul_size, repeats=3)["best_gflops"])
-        tokens, positions, captions = (history[k][-1] for k in ("tokens", "positions", "captions"))
-        achieved = tokens * flops_per_token / seconds / 1e9
-        chunks.append({"steps": int(steps), "seconds": seconds, "tokens": tokens, "positions": positions,
-                       "captions": captions, "achieved_gflops": achieved, "matmul_gflops": (rates[-2] + rates[-1]) / 2,
-                       "fraction": achieved / ((rates[-2] + rates[-1]) / 2), "loss": history["loss"][-1]})
+        for precision, model in models.items():
+            start = time.perf_counter()
+            history = model.fit(dataset, epochs=1, steps_per_epoch=int(steps), verbose=0).history
+            seconds = time.perf_counter() - start
+            tokens = history["tokens"][-1]
+            by_precision[precision].append({"seconds": seconds, "tokens": tokens, "loss": history["loss"][-1]})
+            if precision != precisions[0]:
+                continue
+            rates.append(matmul_gflops(args.matmul_size, repeats=3)["best_gflops"])
+            positions, captions = history["positions"][-1], history["captions"][-1]
+            achieved = tokens * flops_per_token / seconds / 1e9
+            chunks.append({"steps": int(steps), "seconds": seconds, "tokens": tokens, "positions": positions,
+                           "captions": captions, "achieved_gflops": achieved,
+                           "matmul_gflops": (rates[-2] + rates[-1]) / 2,
+                           "fraction": achieved / ((rates[-2] + rates[-1]) / 2), "loss": history["loss"][-1]})
+    speed = {p: sum(c["tokens"] for c in cs) / sum(c["seconds"] for c in cs) for p, cs in by_precision.items()}
 
     seconds = sum(c["seconds"] for c in chunks)
     tokens, positions, captions = (sum(c[k] for c in chunks) for k in ("tokens", "positions", "captions"))
@@ -157,6 +173,8 @@ def main(argv=None) -> int:
         "fraction_of_matmul_rate": achieved / matmul,
         "fraction_of_best_matmul_rate": achieved / max(rates),
         "chunks": chunks,
+        "precisions": {p: {"tokens_per_s": speed[p], "vs_reference": speed[p] / speed[precisions[0]],
+                           "last_loss": by_precision[p][-1]["loss"]} for p in precisions},
     }
     print_table([
         {"what": "training step", "tokens/s": result["tokens_per_s"], "captions/s": result["captions_per_s"],
@@ -169,6 +187,9 @@ def main(argv=None) -> int:
           f"{projection / 1e6:.2f} M, x3)")
     print("each chunk against the matmul rate around it: "
           + ", ".join(f"{100 * c['fraction']:.0f}%" for c in chunks))
+    for p in precisions[1:]:
+        print(f"{p}: {speed[p]:,.0f} tokens/s, {speed[p] / speed[precisions[0]]:.2f}x {precisions[0]} in this run "
+              f"(last loss {by_precision[p][-1]['loss']:.3f} vs {by_precision[precisions[0]][-1]['loss']:.3f})")
     write_result("train_throughput", result, args.output)
     return 0
 
