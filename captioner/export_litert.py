@@ -24,8 +24,9 @@ from captioner.quiet_tensorflow import keras, tf
 from captioner.text import Vocabulary
 
 
-def _convert(track, endpoints: dict) -> bytes:
-    """TFLite bytes for `endpoints` (name -> (function, input signature)) of the Keras object `track`."""
+def _convert(track, endpoints: dict, calibration=None) -> bytes:
+    """TFLite bytes for `endpoints` (name -> (function, input signature)) of the Keras object `track`;
+    with `calibration` (a function yielding input dicts), int8 weights and activations."""
     with tempfile.TemporaryDirectory() as saved_model:
         archive = keras.export.ExportArchive()
         archive.track(track)
@@ -34,6 +35,9 @@ def _convert(track, endpoints: dict) -> bytes:
         archive.write_out(saved_model, verbose=False)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model, signature_keys=list(endpoints))
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+        if calibration is not None:
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+            converter.representative_dataset = calibration
         return converter.convert()
 
 
@@ -57,16 +61,22 @@ def decoder_tflite(model) -> bytes:
     })
 
 
-def encoder_tflite(encoder) -> bytes:
-    """The encoder's preprocessing and network as one LiteRT model."""
+def encoder_tflite(encoder, calibration_images: np.ndarray | None = None) -> bytes:
+    """The encoder's preprocessing and network as one LiteRT model; int8-quantised when given
+    photos to calibrate on ([N, S, S, 3], 0..255: training photos, never evaluation ones)."""
     size = encoder.image_size
+    calibration = None
+    if calibration_images is not None:
+        def calibration():
+            for image in calibration_images:
+                yield {"images": image[None].astype(np.float32)}
 
     def features(images):
         return {"features": encoder.model(encoder.preprocess(images), training=False)}
 
     return _convert(encoder.model, {
         "features": (features, [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]),
-    })
+    }, calibration)
 
 
 def export_litert(model, encoder, directory: Path) -> dict[str, str]:
