@@ -112,6 +112,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--split", choices=("train", "dev", "test", "all"), default="all")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grid", action="store_true", help="cache the spatial maps that show-attend-tell "
+                   "reads (float16, ~125 KB a photo for efficientnet-lite0) instead of pooled vectors")
     _encoder_options(p)
 
     p = sub.add_parser("train", help="train a model bundle on a dataset",
@@ -248,7 +250,11 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.layout, args.images)
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
     encoder = _encoder(args)
-    cache = FeatureCache(encoder.describe(), _cache_dir(args))
+    if args.grid:
+        from captioner.encoder import GridEncoder
+
+        encoder = GridEncoder(encoder)
+    cache = FeatureCache(encoder.describe(), _cache_dir(args), grid_shape=getattr(encoder, "grid_shape", None))
     started = time.time()
     _, failures = extract_features([dataset.images[i] for i in ids], encoder, cache, args.batch_size)
     for failure in failures:
