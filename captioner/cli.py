@@ -76,7 +76,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     from captioner.train_config import PRESETS, TrainConfig
 
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="'default' (the shipped Flickr8k model) or 'tiny' (quick demo)")
+                   help="'default' (the shipped Flickr8k model), 'attend' (Show, Attend and Tell on Flickr8k) or 'tiny' (quick demo)")
     g = p.add_argument_group("training settings (default: from the preset)")
     for f in dataclasses.fields(TrainConfig):
         kind = str if f.type == "str" else int if f.type == "int" else float
