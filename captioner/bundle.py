@@ -37,7 +37,7 @@ CONFIG, VOCAB, DECODER = "config.json", "vocab.json", "decoder.keras"
 LITERT_FILES = ("encoder.tflite", "decoder.tflite")  # the only runtime files a bundle may name
 
 # The model families a bundle may hold: config name -> class name in captioner.model.
-MODEL_TYPES: dict[str, str] = {"show-and-tell": "ShowAndTell"}
+MODEL_TYPES: dict[str, str] = {"show-and-tell": "ShowAndTell", "show-attend-tell": "ShowAttendTell"}
 
 # Sizes no real bundle comes near; beyond them a config is an attack or an accident.
 MAX_CONFIG_BYTES = 1 << 20
@@ -47,6 +47,16 @@ MAX_DECODER_BYTES = 2 << 30  # also bounds each runtime file
 MAX_JSON_DEPTH = 32
 DECODER_LIMITS = {"vocab_size": MAX_VOCAB_WORDS, "feature_dim": 16_384, "embed_dim": 4096, "units": 4096,
                   "num_layers": 8}
+# The sizes each model type has, of those above and its own (an attention model holds regions x
+# attention_dim keys per beam: 4096 regions is a 64x64 map, larger than any encoder here gives).
+TYPE_LIMITS = {
+    "show-and-tell": DECODER_LIMITS,
+    "show-attend-tell": {**{k: v for k, v in DECODER_LIMITS.items() if k != "num_layers"},
+                         "regions": 4096, "attention_dim": 4096},
+}
+MAX_ATTENTION_LAMBDA = 100.0
+# The decoder's own classes a model file may name, besides the decoder and its loss.
+INNER_CLASSES = {"ShowAttendTell": ("AttentionLSTMCell",)}
 ENCODER_FIELDS = {"name": str, "weights_id": str, "image_size": int, "feature_dim": int}
 
 
@@ -62,7 +72,7 @@ class Bundle:
     need it (`load_bundle(..., load_decoder=False)`).
     """
 
-    model: Any  # a captioner.model decoder (ShowAndTell), or None
+    model: Any  # a captioner.model decoder (ShowAndTell, ShowAttendTell), or None
     vocab: Vocabulary
     encoder: dict  # ImageEncoder.describe(): name, weights_id, image_size, feature_dim
     decoding: DecodeOptions = DecodeOptions()  # the defaults captions are decoded with
@@ -163,16 +173,20 @@ def _decoder_sizes(model_config: dict) -> dict:
     return {k: v for k, v in model_config.items() if k not in ("name", "trainable", "dtype")}
 
 
-def _check_sizes(sizes: Any, where: Path | str, what: str) -> None:
+def _check_sizes(sizes: Any, where: Path | str, what: str, model_type: str) -> None:
     if not isinstance(sizes, dict):
         raise BundleError(f"{where}: the {what} config must be an object")
-    for name, high in DECODER_LIMITS.items():
+    for name, high in TYPE_LIMITS[model_type].items():
         if not _whole(sizes.get(name), 1, high):
             raise BundleError(f"{where}: {what} '{name}' must be a whole number from 1 to {high:,}, "
                               f"got {sizes.get(name)!r}")
     dropout = sizes.get("dropout", 0.0)
     if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
         raise BundleError(f"{where}: {what} 'dropout' must be a number from 0 to 1, got {dropout!r}")
+    weight = sizes.get("attention_lambda", 0.0)
+    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_ATTENTION_LAMBDA:
+        raise BundleError(f"{where}: {what} 'attention_lambda' must be a number from 0 to {MAX_ATTENTION_LAMBDA:g}, "
+                          f"got {weight!r}")
 
 
 def _member(directory: Path, filename: str) -> Path:
@@ -254,7 +268,7 @@ def _check_config(directory: Path, config: Any) -> dict:
                           f"got {config.get('vocab_size')!r}")
     if not isinstance(config.get("info", {}), dict):
         raise BundleError(f"{where}: 'info' must be an object, got {type(config['info']).__name__}")
-    _check_sizes(config.get("decoder"), where, "decoder")
+    _check_sizes(config.get("decoder"), where, "decoder", model_type)
     litert = config.get("litert", {})
     if (not isinstance(litert, dict) or not set(litert) <= set(LITERT_FILES)
             or not all(isinstance(v, str) and len(v) == 64 for v in litert.values())):
@@ -284,7 +298,7 @@ def _check_classes(node: Any, where: Path, allowed: str) -> None:
             if cls == "Lambda":
                 raise BundleError(f"{where}: contains a Lambda layer (arbitrary code); refusing to load it")
             trusted = module == "keras" or module.startswith("keras.") or (
-                module == "captioner.model" and cls in (allowed, "MaskedCrossEntropy")
+                module == "captioner.model" and cls in (allowed, "MaskedCrossEntropy", *INNER_CLASSES.get(allowed, ()))
             )
             if not trusted:
                 raise BundleError(f"{where}: refers to {module or '?'}.{cls}, which a captioner bundle never contains")
@@ -295,12 +309,12 @@ def _check_classes(node: Any, where: Path, allowed: str) -> None:
             _check_classes(value, where, allowed)
 
 
-def _check_decoder_config(model_config: Any, path: Path, class_name: str) -> None:
+def _check_decoder_config(model_config: Any, path: Path, class_name: str, model_type: str) -> None:
     if not isinstance(model_config, dict) or model_config.get("class_name") != class_name:
         found = model_config.get("class_name") if isinstance(model_config, dict) else type(model_config).__name__
         raise BundleError(f"{path}: holds a {found!r} model, not a {class_name} decoder")
     _check_classes(model_config, path, class_name)
-    _check_sizes(model_config.get("config"), path, "decoder")
+    _check_sizes(model_config.get("config"), path, "decoder", model_type)
 
 
 def _load_decoder(path: Path, config: dict):
@@ -323,7 +337,7 @@ def _load_decoder(path: Path, config: dict):
         if isinstance(e, BundleError):
             raise
         raise BundleError(f"{path}: not a readable Keras model file ({first_line(e)})") from None
-    _check_decoder_config(model_config, path, model_cls.__name__)
+    _check_decoder_config(model_config, path, model_cls.__name__, config["model_type"])
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=True)
     except Exception as e:  # noqa: BLE001 - Keras raises many types for bad files; all mean "refused"

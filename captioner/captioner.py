@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,9 @@ class Beam:
     caption: str
     log_prob: float  # log-probability of the words and the final <end>
     score: float  # what beams are ranked by: log_prob / tokens**length_penalty
+    # Attention models: where the model looked for each word, weights over the encoder's map
+    # [words, H, W] (each word's sum to 1); None for models without attention.
+    attention: np.ndarray | None = field(default=None, compare=False, repr=False)
 
     @property
     def word_probability(self) -> float:
@@ -52,10 +55,16 @@ class CaptionResult:
     def log_prob(self) -> float | None:
         return self.beams[0].log_prob if self.beams else None
 
+    @property
+    def attention(self) -> np.ndarray | None:
+        """The best beam's attention weights [words, H, W] (attention models only)."""
+        return self.beams[0].attention if self.beams else None
+
 
 class Captioner:
     """A trained decoder bundle, the image encoder it was trained with, and the runtime that
-    runs the decoder (TensorFlow unless another `StepModel` is given)."""
+    runs the decoder (TensorFlow unless another `StepModel` is given). `feature_encoder` is what
+    the decoder reads: the encoder's pooled vectors, or its spatial maps for an attention model."""
 
     def __init__(self, bundle: Bundle, encoder, cache_dir: str | Path | None = None,
                  step_model: StepModel | None = None):
@@ -74,8 +83,20 @@ class Captioner:
 
             step_model = TensorFlowStep(bundle.model)
         self.step_model = step_model
+        self.feature_encoder, self.grid_shape = encoder, None
+        if bundle.model_type == "show-attend-tell":
+            from captioner.encoder import GridEncoder
+
+            if getattr(encoder, "grid_shape", None) is None:
+                raise BundleError(f"{bundle.model_type} needs the encoder's spatial map, which "
+                                  f"{type(encoder).__name__} does not give (use the TensorFlow runtime)")
+            self.feature_encoder = GridEncoder(encoder)
+            self.grid_shape = self.feature_encoder.grid_shape
+            if self.feature_encoder.feature_shape[0] != bundle.decoder_sizes["regions"]:
+                raise BundleError(f"model attends over {bundle.decoder_sizes['regions']} regions but encoder "
+                                  f"{encoder.name} gives {self.grid_shape[0]}x{self.grid_shape[1]}")
         # Features are cached by photo content, so re-captioning with new settings re-encodes nothing.
-        self.cache = FeatureCache(identity, cache_dir)
+        self.cache = FeatureCache(identity, cache_dir, grid_shape=self.grid_shape)
 
     @classmethod
     def load(cls, model: str | Path | None = None, encoder_weights: str = "default",
@@ -95,7 +116,9 @@ class Captioner:
             bundle = load_bundle(directory, load_decoder=False)
             usable = bool(bundle.litert) and runtime_litert.available() and encoder_weights == "default"
             if runtime == "litert" and not usable:
-                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
+                # Attention bundles get no LiteRT files ("auto" runs them on TensorFlow).
+                why = (f"{bundle.model_type} models run on TensorFlow only" if bundle.model_type != "show-and-tell"
+                       else "the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
                        else "ai-edge-litert is not installed" if not runtime_litert.available()
                        else "other encoder weights need the TensorFlow runtime")
                 raise BundleError(f"{directory}: cannot run on LiteRT: {why}")
@@ -133,7 +156,7 @@ class Captioner:
         """Stream results in input order, a batch at a time (for large folders). A photo of more
         than `max_pixels` pixels is refused from its header (a server passes a smaller budget)."""
         options = replace(options or self.options, **overrides)
-        for batch in iter_features(images, self.encoder, self.cache, batch_size, max_pixels):
+        for batch in iter_features(images, self.feature_encoder, self.cache, batch_size, max_pixels):
             hyps = dict(zip(batch.indices, self.decode_features(batch.features, options)))
             errors = dict(batch.errors)
             for i in sorted([*hyps, *errors]):
@@ -141,9 +164,18 @@ class Captioner:
                 yield CaptionResult(name, error=errors[i].reason) if i in errors else self._result(name, hyps[i])
 
     def decode_features(self, features: np.ndarray, options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
-        """Decode precomputed encoder features [N, D] (evaluation works on cached features)."""
+        """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models; evaluation
+        works on cached features)."""
         return decode(self.step_model, features, options or self.options)
 
     def _result(self, source: str, hyps: list[Hypothesis]) -> CaptionResult:
         text = self.bundle.vocab.decode
-        return CaptionResult(source, tuple(Beam(text(h.ids), h.log_prob, h.score) for h in hyps))
+        return CaptionResult(source, tuple(Beam(text(h.ids), h.log_prob, h.score, self._attention_map(h))
+                                           for h in hyps))
+
+    def _attention_map(self, hyp: Hypothesis) -> np.ndarray | None:
+        """[words, H, W]: the hypothesis's weights per word, laid out as the encoder's map. Words the
+        vocabulary leaves out of the text (`<unk>` is never chosen) cannot occur, so rows match words."""
+        if hyp.attention is None or self.grid_shape is None:
+            return None
+        return np.asarray(hyp.attention, np.float32).reshape(len(hyp.ids), *self.grid_shape)

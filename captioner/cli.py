@@ -89,7 +89,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     from captioner.train_config import PRESETS, TrainConfig
 
     p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="'default' (the shipped Flickr8k model) or 'tiny' (quick demo)")
+                   help="'default' (the shipped Flickr8k model), 'attend' (Show, Attend and Tell on Flickr8k) or 'tiny' (quick demo)")
     g = p.add_argument_group("training settings (default: from the preset)")
     for f in dataclasses.fields(TrainConfig):
         kind = str if f.type == "str" else int if f.type == "int" else float
@@ -125,6 +125,8 @@ def build_parser() -> argparse.ArgumentParser:
     _data_options(p)
     p.add_argument("--split", choices=("train", "dev", "test", "all"), default="all")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--grid", action="store_true", help="cache the spatial maps that show-attend-tell "
+                   "reads (float16, ~125 KB a photo for efficientnet-lite0) instead of pooled vectors")
     _encoder_options(p)
 
     p = sub.add_parser("train", help="train a model bundle on a dataset",
@@ -308,7 +310,11 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.layout, args.images)
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
     encoder = _encoder(args)
-    cache = FeatureCache(encoder.describe(), _cache_dir(args))
+    if args.grid:
+        from captioner.encoder import GridEncoder
+
+        encoder = GridEncoder(encoder)
+    cache = FeatureCache(encoder.describe(), _cache_dir(args), grid_shape=getattr(encoder, "grid_shape", None))
     started = time.time()
     _, failures = extract_features([dataset.images[i] for i in ids], encoder, cache, args.batch_size)
     for failure in failures:

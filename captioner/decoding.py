@@ -4,6 +4,10 @@ Decoding talks to a `StepModel` (initial state from features; one step: tokens +
 next-word log-probabilities + states) and is plain NumPy around it, so every runtime that can
 run those two functions decodes the same way. Each step is one call for all images and all
 beams at once. `DecodeOptions` is the one source of decoding defaults.
+
+An attention decoder keeps its last attention weights among its states (`attention_state`
+names which); the search carries them with their beams like any state and gives each
+hypothesis the weights behind each of its words.
 """
 from __future__ import annotations
 
@@ -83,13 +87,16 @@ class Hypothesis:
     ids: list[int]
     log_prob: float
     score: float  # what beams are ranked by: log_prob / n_tokens**length_penalty
+    attention: np.ndarray | None = None  # attention decoders: weights over the regions per word [len(ids), R]
 
 
 class StepModel(Protocol):
-    """What decoding needs of a trained decoder, in NumPy, whatever runs it."""
+    """What decoding needs of a trained decoder, in NumPy, whatever runs it. An attention decoder
+    also has `attention_state`: the index of the state holding the weights [B, R] that `step`
+    used for the log-probabilities it returns (absent or None: no attention)."""
 
     def initial_state(self, features: np.ndarray) -> list[np.ndarray]:
-        """Decoder states for image features [N, D]."""
+        """Decoder states for image features [N, D] (or grids [N, R, C] for attention decoders)."""
 
     def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
         """Next-word log-probabilities [B, V] (never `<pad>`, `<start>`, `<unk>`) and the new states."""
@@ -97,11 +104,11 @@ class StepModel(Protocol):
 
 def decode(model: StepModel, features: np.ndarray, options: DecodeOptions = DecodeOptions(),
            batch_size: int = 256) -> list[list[Hypothesis]]:
-    """The best hypotheses for each row of `features` [N, D], best first, decoded `batch_size` at a time."""
-    features = np.asarray(features, np.float32)
+    """The best hypotheses for each row of `features` [N, ...], best first, decoded `batch_size` at a time."""
     out: list[list[Hypothesis]] = []
     for start in range(0, len(features), batch_size):
-        chunk = features[start : start + batch_size]
+        # Converted a chunk at a time: a dataset's grids may be a memory-mapped float16 file.
+        chunk = np.asarray(features[start : start + batch_size], np.float32)
         if options.method == "sample":
             out += [[h] for h in _sample(model, chunk, options)]
         else:
@@ -115,9 +122,18 @@ def caption_texts(model: StepModel, vocab: Vocabulary, features: np.ndarray, opt
     return [vocab.decode(hyps[0].ids) for hyps in decode(model, features, options)]
 
 
+def _attention(model: StepModel, states: list[np.ndarray]) -> np.ndarray | None:
+    """The weights behind the last step's log-probabilities [B, R], if the model attends."""
+    index = getattr(model, "attention_state", None)
+    return None if index is None else states[index]
+
+
 def _beam_search(model: StepModel, features: np.ndarray, k: int, options: DecodeOptions) -> list[list[Hypothesis]]:
     n, end = len(features), Vocabulary.end_id
     states = [np.repeat(s, k, axis=0) for s in model.initial_state(features)]
+    attends = _attention(model, states) is not None
+    # Per beam, the weights behind each word so far [n*k, t, R], reordered with the beams.
+    seen = np.zeros((n * k, 0, states[model.attention_state].shape[1] if attends else 0), np.float32)
     tokens = np.full(n * k, Vocabulary.start_id, np.int32)
     # Every beam of an image starts identical: only beam 0 may expand at the first step.
     scores = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], n)
@@ -142,7 +158,8 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
             if np.isfinite(top_scores[i, r]):
                 ids = history[i * k + beam[i, r]].tolist()
                 lp = float(top_scores[i, r])
-                finished[i].append(Hypothesis(ids, lp, lp / (len(ids) + 1) ** options.length_penalty))
+                finished[i].append(Hypothesis(ids, lp, lp / (len(ids) + 1) ** options.length_penalty,
+                                              seen[i * k + beam[i, r]] if attends else None))
         done |= np.array([len(f) >= k for f in finished])
         if done.all():
             break
@@ -155,6 +172,8 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
         scores[np.repeat(done, k)] = -np.inf  # finished images stop competing
         history = np.concatenate([history[src], tokens[:, None]], axis=1)
         states = [s[src] for s in states]
+        if attends:  # the new word's weights: those its source beam's step just used
+            seen = np.concatenate([seen[src], _attention(model, states)[:, None]], axis=1)
     return [sorted(f, key=lambda h: -h.score)[: options.num_results] for f in finished]
 
 
@@ -162,11 +181,15 @@ def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> l
     rng = np.random.default_rng(options.seed)
     n, end = len(features), Vocabulary.end_id
     states = model.initial_state(features)
+    attends = _attention(model, states) is not None
+    weights = []  # the attention behind each step's word [n, R]
     tokens = np.full(n, Vocabulary.start_id, np.int32)
     ids = np.zeros((n, 0), np.int32)
     log_prob, alive = np.zeros(n), np.ones(n, bool)
     for _ in range(options.max_len):
         log_probs, states = model.step(tokens, states)
+        if attends:
+            weights.append(_attention(model, states))
         # softmax(log_softmax(z) / T) == softmax(z / T): temperature needs no second model call
         z = np.asarray(log_probs, np.float64) / options.temperature
         p = np.exp(z - z.max(axis=1, keepdims=True))
@@ -177,9 +200,10 @@ def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> l
         alive &= tokens != end
         if not alive.any():
             break
+    seen = np.stack(weights, axis=1) if attends else None  # [n, steps, R]
     out = []
-    for row, lp in zip(ids, log_prob):
+    for i, (row, lp) in enumerate(zip(ids, log_prob)):
         words = row.tolist()
         words = words[: words.index(end)] if end in words else words
-        out.append(Hypothesis(words, float(lp), float(lp)))
+        out.append(Hypothesis(words, float(lp), float(lp), seen[i, : len(words)] if attends else None))
     return out

@@ -1,4 +1,5 @@
-"""The image encoder: a frozen ImageNet CNN mapping RGB images to pooled feature vectors.
+"""The image encoder: a frozen ImageNet CNN mapping RGB images to pooled feature vectors
+and, for attention decoders, to the spatial map they are pooled from (`GridEncoder`).
 
 It builds a network from `captioner.networks`, loads its weights and records their identity
 (a bundle stores it, so a decoder is never fed another encoder's features). The default
@@ -30,6 +31,8 @@ from captioner.networks import (
     seeded,
 )
 from captioner.quiet_tensorflow import keras, tf
+
+layers = keras.layers
 
 ASSETS_DIR = paths.ASSETS / "encoders"
 
@@ -145,6 +148,14 @@ class ImageEncoder:
         self.network = network
         #: backbone -> pooled features; shares (frozen) layers with `network`
         self.model = keras.Model(network.input, pooled, name=f"{network.name}_features")
+        # The map the pooled vector averages: one forward pass gives both (see `encode`).
+        pooling = [layer for layer in network.layers if isinstance(layer, layers.GlobalAveragePooling2D)]
+        #: (H, W) of the spatial map, None when the network does not end in global average pooling
+        self.grid_shape: tuple[int, int] | None = None
+        if pooling and pooling[-1].output is pooled:
+            grid = pooling[-1].input
+            self.grid_shape = (int(grid.shape[1]), int(grid.shape[2]))
+            self._both = keras.Model(network.input, [pooled, grid], name=f"{network.name}_grid")
         self.model.trainable = self.network.trainable = False
         #: the network's own preprocessing: float32 RGB 0..255 -> model input
         self.preprocess = spec.preprocess()
@@ -156,6 +167,7 @@ class ImageEncoder:
         signature = [tf.TensorSpec([None, self.image_size, self.image_size, 3], tf.float32)]
         self._features_fn = tf.function(partial(self._features), input_signature=signature)
         self._classify_fn = tf.function(partial(self._probabilities), input_signature=signature)
+        self._encode_fn = tf.function(partial(self._pooled_and_grid), input_signature=signature)
 
     def _features(self, images: tf.Tensor) -> tf.Tensor:
         return self.model(self.preprocess(images), training=False)
@@ -163,7 +175,11 @@ class ImageEncoder:
     def _probabilities(self, images: tf.Tensor) -> tf.Tensor:
         return self.network(self.preprocess(images), training=False)
 
-    def _run(self, fn: Callable[[tf.Tensor], tf.Tensor], images, width: int) -> np.ndarray:
+    def _pooled_and_grid(self, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+        pooled, grid = self._both(self.preprocess(images), training=False)
+        return pooled, tf.reshape(grid, [tf.shape(grid)[0], -1, grid.shape[-1]])
+
+    def _batch(self, images) -> np.ndarray:
         batch = np.asarray(images)
         expected = (self.image_size, self.image_size, 3)
         if batch.ndim != 4 or batch.shape[1:] != expected:
@@ -171,7 +187,10 @@ class ImageEncoder:
                 f"{self.name} expects images shaped [N, {', '.join(map(str, expected))}] "
                 f"(RGB, resized to {self.image_size}), got {list(batch.shape)}"
             )
-        batch = batch.astype(np.float32, copy=False)
+        return batch.astype(np.float32, copy=False)
+
+    def _run(self, fn: Callable[[tf.Tensor], tf.Tensor], images, width: int) -> np.ndarray:
+        batch = self._batch(images)
         out = np.empty((len(batch), width), np.float32)
         for start in range(0, len(batch), _FORWARD_BATCH):
             out[start : start + _FORWARD_BATCH] = fn(batch[start : start + _FORWARD_BATCH]).numpy()
@@ -180,6 +199,18 @@ class ImageEncoder:
     def __call__(self, images) -> np.ndarray:
         """Pooled features, float32 [N, feature_dim], of uint8/float RGB images [N, S, S, 3]."""
         return self._run(self._features_fn, images, self.feature_dim)
+
+    def encode(self, images) -> tuple[np.ndarray, np.ndarray]:
+        """Pooled features [N, feature_dim] and spatial maps [N, H*W, feature_dim] (row-major
+        regions), both float32, from one forward pass; the pooled rows are the maps' means."""
+        if self.grid_shape is None:
+            raise EncoderError(f"encoder {self.name} gives no spatial map (it does not end in average pooling)")
+        batch = self._batch(images)
+        parts = [self._encode_fn(batch[i : i + _FORWARD_BATCH]) for i in range(0, len(batch), _FORWARD_BATCH)]
+        if not parts:
+            h, w = self.grid_shape
+            return np.zeros((0, self.feature_dim), np.float32), np.zeros((0, h * w, self.feature_dim), np.float32)
+        return (np.concatenate([p.numpy() for p, _ in parts]), np.concatenate([g.numpy() for _, g in parts]))
 
     def classify(self, images) -> np.ndarray:
         """ImageNet class probabilities [N, 1000] from the network's own classification head."""
@@ -196,3 +227,23 @@ class ImageEncoder:
             "image_size": self.image_size,
             "feature_dim": self.feature_dim,
         }
+
+
+class GridEncoder:
+    """An `ImageEncoder` seen as giving each photo's spatial map, float16 [H*W, C]: what an
+    attention decoder reads. It has the encoder's identity (the map comes from the same weights),
+    so `iter_features` and a grid `FeatureCache` use it like the encoder itself."""
+
+    def __init__(self, encoder: ImageEncoder):
+        if encoder.grid_shape is None:
+            raise EncoderError(f"encoder {encoder.name} gives no spatial map (it does not end in average pooling)")
+        self.encoder, self.name, self.image_size = encoder, encoder.name, encoder.image_size
+        self.grid_shape = encoder.grid_shape
+        self.feature_shape = (self.grid_shape[0] * self.grid_shape[1], encoder.feature_dim)
+
+    def __call__(self, images) -> np.ndarray:
+        # float16 holds these activations (ReLU6 for the Lite encoders) to 3 digits at half the bytes.
+        return self.encoder.encode(images)[1].astype(np.float16)
+
+    def describe(self) -> dict[str, str | int]:
+        return self.encoder.describe()

@@ -85,7 +85,7 @@ def evaluate(captioner, dataset, split: str = "dev", options: DecodeOptions | No
 
     options = options or captioner.options
     ids = dataset.subset(split).splits[split][:limit]
-    ids, features, failures = encode_photos(dataset.images, ids, captioner.encoder, captioner.cache,
+    ids, features, failures = encode_photos(dataset.images, ids, captioner.feature_encoder, captioner.cache,
                                             progress=progress, description=f"Encoding {split} photos")
     hyps = caption_texts(captioner.step_model, captioner.bundle.vocab, features, options)
     refs = [dataset.captions[i] for i in ids]

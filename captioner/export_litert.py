@@ -23,6 +23,9 @@ from captioner.fileio import atomic_write_bytes
 from captioner.quiet_tensorflow import keras, tf
 from captioner.text import Vocabulary
 
+# The model types whose decoder this module exports; others run on TensorFlow only.
+LITERT_MODEL_TYPES = ("show-and-tell",)
+
 
 def _convert(track, endpoints: dict, calibration=None) -> bytes:
     """TFLite bytes for `endpoints` (name -> (function, input signature)) of the Keras object `track`;
@@ -95,6 +98,9 @@ def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "defa
     from captioner.bundle import BundleError, load_bundle, write_config
 
     bundle = load_bundle(bundle_dir)
+    if bundle.model_type not in LITERT_MODEL_TYPES:
+        raise BundleError(f"{bundle_dir}: {bundle.model_type} bundles have no LiteRT export yet; "
+                          "they run on TensorFlow")
     if isinstance(encoder, str):
         encoder = ImageEncoder(bundle.encoder["name"], encoder)
     if encoder.describe() != bundle.encoder:

@@ -1,7 +1,8 @@
 """Image features: batched extraction (photos decoded on parallel threads) with a content-keyed cache.
 
 A feature is cached per (encoder, weights, image content), so a second run over the same
-photos encodes nothing, and a renamed or moved photo is still found.
+photos encodes nothing, and a renamed or moved photo is still found. A feature is a pooled
+vector [D] (float32) or, for attention decoders, a spatial map [H*W, C] (float16, its own cache).
 """
 from __future__ import annotations
 
@@ -42,22 +43,37 @@ def content_key(source: ImageSource) -> str:
     return h.hexdigest()[:40]
 
 
+def feature_shape(encoder) -> tuple[int, ...]:
+    """The shape of one photo's feature from `encoder`: [D], or [H*W, C] for a `GridEncoder`."""
+    shape = getattr(encoder, "feature_shape", None)
+    return tuple(shape) if shape is not None else (encoder.feature_dim,)
+
+
 class FeatureCache:
     """Features of one encoder, in memory (bounded LRU) and optionally on disk (one .npy each).
+    With `grid_shape` (H, W) it holds spatial maps, float16 [H*W, feature_dim], in a folder of their own.
 
     Disk entries are written atomically; an entry that is unreadable, of the wrong shape, not
     finite or not a regular file is treated as missing (and recomputed by the caller). The cache is
     a help, never a requirement: an entry that cannot be written is only logged.
     """
 
-    def __init__(self, encoder_identity: dict, directory: str | Path | None = None, memory_items: int = 4096):
+    def __init__(self, encoder_identity: dict, directory: str | Path | None = None, memory_items: int = 4096,
+                 grid_shape: tuple[int, int] | None = None):
         self.feature_dim = int(encoder_identity["feature_dim"])
+        self.shape: tuple[int, ...] = (self.feature_dim,)
+        self.dtype = np.dtype(np.float32)
         # The loader's version is part of the key: features of pixels decoded another way are not reused.
-        tag = hashlib.sha256(
-            f"{encoder_identity['name']}|{encoder_identity['weights_id']}|{encoder_identity['image_size']}"
-            f"|loader{LOADER_VERSION}".encode()
-        ).hexdigest()[:16]
-        self.directory = Path(directory) / f"{encoder_identity['name']}-{tag}" if directory else None
+        key = (f"{encoder_identity['name']}|{encoder_identity['weights_id']}|{encoder_identity['image_size']}"
+               f"|loader{LOADER_VERSION}")
+        if grid_shape is not None:
+            self.shape, self.dtype = (grid_shape[0] * grid_shape[1], self.feature_dim), np.dtype(np.float16)
+            key += f"|grid{grid_shape[0]}x{grid_shape[1]}"
+            # A map is 49x the bytes of a vector (125 KB for EfficientNet-Lite0): keep fewer in memory.
+            memory_items = min(memory_items, 256)
+        tag = hashlib.sha256(key.encode()).hexdigest()[:16]
+        kind = "-grid" if grid_shape is not None else ""
+        self.directory = Path(directory) / f"{encoder_identity['name']}{kind}-{tag}" if directory else None
         self._memory: OrderedDict[str, np.ndarray] = OrderedDict()
         self._memory_items = memory_items
         self._lock = threading.Lock()
@@ -81,14 +97,14 @@ class FeatureCache:
             return None
         if (
             not isinstance(vector, np.ndarray)  # np.load returns an archive for zip data
-            or vector.shape != (self.feature_dim,) or vector.dtype != np.float32 or not np.isfinite(vector).all()
+            or vector.shape != self.shape or vector.dtype != self.dtype or not np.isfinite(vector).all()
         ):
             return None
         self._remember(key, vector)
         return vector
 
     def put(self, key: str, vector: np.ndarray) -> None:
-        vector = np.asarray(vector, np.float32)
+        vector = np.asarray(vector, self.dtype)
         self._remember(key, vector)
         if self.directory is not None:
             try:
@@ -109,7 +125,7 @@ class FeatureBatch:
     """Features for some of the requested images, in request order."""
 
     indices: list[int]          # positions in the request of the images that have a feature
-    features: np.ndarray        # [len(indices), feature_dim]
+    features: np.ndarray        # [len(indices), *feature shape]
     errors: list[tuple[int, ImageError]]  # positions and reasons of the images that failed
 
 
@@ -167,7 +183,7 @@ def iter_features(
             ok = [j for j, p in enumerate(prepared) if p.error is None]
             yield FeatureBatch(
                 indices=[start + j for j in ok],
-                features=np.stack([prepared[j].cached for j in ok]) if ok else np.zeros((0, encoder.feature_dim),
+                features=np.stack([prepared[j].cached for j in ok]) if ok else np.zeros((0, *feature_shape(encoder)),
                                                                                           np.float32),
                 errors=[(start + j, p.error) for j, p in enumerate(prepared) if p.error is not None],
             )
@@ -183,12 +199,20 @@ def _as_image_error(source: ImageSource, error: Exception) -> ImageError:
 
 def extract_features(
     sources: Sequence[ImageSource], encoder, cache: FeatureCache | None = None, batch_size: int = 32,
-    progress: bool = True, description: str = "Encoding photos",
+    progress: bool = True, description: str = "Encoding photos", out_path: Path | None = None,
 ) -> tuple[np.ndarray, list[ImageError]]:
-    """Features for every source ([N, D]; rows of failed photos are NaN) and the failures."""
+    """Features for every source ([N, *feature shape]; rows of failed photos are NaN) and the
+    failures. With `out_path` they go into a memory-mapped .npy file there (grids of a whole
+    dataset need not fit in memory), in the cache's dtype."""
     from tqdm.auto import tqdm
 
-    out = np.full((len(sources), encoder.feature_dim), np.nan, np.float32)
+    shape, dtype = (len(sources), *feature_shape(encoder)), cache.dtype if cache is not None else np.float32
+    if out_path is None:
+        out = np.empty(shape, dtype)
+    else:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        out = np.lib.format.open_memmap(out_path, mode="w+", dtype=dtype, shape=shape)
+    out[...] = np.nan
     failures: list[ImageError] = []
     with tqdm(total=len(sources), desc=description, unit="img", disable=not progress) as bar:
         for batch in iter_features(sources, encoder, cache, batch_size):
@@ -200,11 +224,17 @@ def extract_features(
 
 def encode_photos(
     images: Mapping[str, Path], ids: Sequence[str], encoder, cache: FeatureCache | None = None,
-    progress: bool = True, description: str = "Encoding photos",
+    progress: bool = True, description: str = "Encoding photos", out_path: Path | None = None,
 ) -> tuple[list[str], np.ndarray, list[ImageError]]:
-    """Features of a dataset's photos `ids`: the ids that could be encoded, their features [N, D]
-    in that order, and the failures (training and evaluation skip those photos)."""
-    features, failures = extract_features([images[i] for i in ids], encoder, cache,
-                                          progress=progress, description=description)
-    ok = ~np.isnan(features).any(axis=1)
-    return [i for i, good in zip(ids, ok) if good], features[ok], failures
+    """Features of a dataset's photos `ids`: the ids that could be encoded, their features
+    [N, *feature shape] in that order, and the failures (training and evaluation skip those photos).
+    `out_path`: keep the features in a memory-mapped file there (see `extract_features`)."""
+    features, failures = extract_features([images[i] for i in ids], encoder, cache, progress=progress,
+                                          description=description, out_path=out_path)
+    # A failed photo's row is all NaN, a cached feature all finite: one value per row tells them apart.
+    ok = ~np.isnan(features.reshape(len(features), -1)[:, 0]) if len(features) else np.zeros(0, bool)
+    keep = np.flatnonzero(ok)
+    for row, i in enumerate(keep):  # compact in place: no copy of a memory-mapped array
+        if row != i:
+            features[row] = features[i]
+    return [ids[i] for i in keep], features[: len(keep)], failures

@@ -1,4 +1,5 @@
-"""The Show-and-Tell decoder: an image feature initialises the state of an LSTM over words."""
+"""The decoders. Show and Tell: an image feature initialises the state of an LSTM over words.
+Show, Attend and Tell: the LSTM also reads, at every word, a weighted average of the image's regions."""
 from __future__ import annotations
 
 from captioner.quiet_tensorflow import keras, tf
@@ -100,6 +101,150 @@ class ShowAndTell(keras.Model):
             "num_layers": self.num_layers,
             "dropout": self.dropout_rate,
             "rnn": self.rnn_type,
+        }
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class AttentionLSTMCell(layers.Layer):
+    """One word of Show, Attend and Tell (Xu et al. 2015, soft attention): scores the regions
+    from h_{t-1} (Bahdanau: w . tanh(keys + W h)), gates their weighted average with a scalar
+    sigmoid(f(h)), and feeds [word embedding, context] to an LSTM cell.
+
+    States: h, c, the projected regions (keys) and the regions, the last two flattened because
+    `keras.layers.RNN` takes only [batch, size] states; they ride through the loop unchanged.
+    Output: [h_t, context, attention weights] concatenated.
+    """
+
+    def __init__(self, units: int, regions: int, feature_dim: int, attention_dim: int, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.regions, self.feature_dim, self.attention_dim = units, regions, feature_dim, attention_dim
+        self.lstm = layers.LSTMCell(units, name="lstm")
+        self.query = layers.Dense(attention_dim, use_bias=False, name="query")
+        self.score = layers.Dense(1, use_bias=False, name="score")  # a bias would cancel in the softmax
+        self.gate = layers.Dense(1, activation="sigmoid", name="gate")
+        self.state_size = [units, units, regions * attention_dim, regions * feature_dim]
+        self.output_size = units + feature_dim + regions
+
+    def build(self, input_shape) -> None:
+        self.query.build((None, self.units))
+        self.score.build((None, self.regions, self.attention_dim))
+        self.gate.build((None, self.units))
+        self.lstm.build((None, input_shape[-1] + self.feature_dim))
+        self.built = True
+
+    def call(self, inputs, states, training: bool = False):
+        h, c, keys, grid = states
+        keys = ops.reshape(keys, (-1, self.regions, self.attention_dim))
+        grid = ops.reshape(grid, (-1, self.regions, self.feature_dim))
+        scores = ops.squeeze(self.score(ops.tanh(keys + ops.expand_dims(self.query(h), 1))), -1)
+        alpha = ops.softmax(scores, axis=-1)  # [B, regions]
+        context = self.gate(h) * ops.squeeze(ops.matmul(ops.expand_dims(alpha, 1), grid), 1)
+        _, (h, c) = self.lstm(ops.concatenate([inputs, context], -1), [h, c], training=training)
+        return ops.concatenate([h, context, alpha], -1), [h, c, states[2], states[3]]
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "units": self.units, "regions": self.regions,
+                "feature_dim": self.feature_dim, "attention_dim": self.attention_dim}
+
+
+@keras.saving.register_keras_serializable(package="captioner")
+class ShowAttendTell(keras.Model):
+    """Regions [R, C] of the image's CNN map -> mean -> Dense -> initial (h, c); at each word, soft
+    attention over the regions feeds the LSTM; next-word logits from embedding + h + context
+    (the paper's deep output). Same interface as `ShowAndTell`, on grids [B, R, C] instead of
+    vectors: `call((grids, tokens))` for teacher forcing, `initial_state` and `step` to decode.
+
+    The decoding states are [h, c, keys, regions, attention]: `attention_state` indexes the last
+    step's weights over the regions [B, R], so beam search carries them with their beams. In
+    training, the doubly stochastic regulariser `attention_lambda * sum_regions (1 - sum_t alpha)^2`
+    (per caption, scaled like the loss: per real token) is added as a model loss.
+    """
+
+    attention_state = 4
+
+    def __init__(
+        self,
+        vocab_size: int,
+        feature_dim: int,
+        regions: int,
+        embed_dim: int = 512,
+        units: int = 512,
+        attention_dim: int = 512,
+        dropout: float = 0.5,
+        attention_lambda: float = 1.0,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.vocab_size, self.feature_dim, self.regions = int(vocab_size), int(feature_dim), int(regions)
+        self.embed_dim, self.units, self.attention_dim = int(embed_dim), int(units), int(attention_dim)
+        self.dropout_rate, self.attention_lambda = float(dropout), float(attention_lambda)
+
+        self.feature_dropout = layers.Dropout(self.dropout_rate, name="feature_dropout")
+        self.init_h = layers.Dense(self.units, activation="tanh", name="init_h")
+        self.init_c = layers.Dense(self.units, activation="tanh", name="init_c")
+        self.keys = layers.Dense(self.attention_dim, name="keys")
+        self.embedding = layers.Embedding(self.vocab_size, self.embed_dim, name="embedding")
+        self.cell = AttentionLSTMCell(self.units, self.regions, self.feature_dim, self.attention_dim,
+                                      name="attention_lstm")
+        self.rnn = layers.RNN(self.cell, return_sequences=True, name="rnn")
+        self.out_h = layers.Dense(self.embed_dim, name="out_h")
+        self.out_context = layers.Dense(self.embed_dim, name="out_context")
+        self.dropout = layers.Dropout(self.dropout_rate, name="dropout")
+        self.head = layers.Dense(self.vocab_size, name="logits")
+        self.build()
+
+    def build(self, input_shape=None) -> None:
+        # Built eagerly from the config alone, as ShowAndTell is.
+        if self.built:
+            return
+        self.embedding.build()
+        self.call((ops.zeros((1, self.regions, self.feature_dim)), ops.ones((1, 2), dtype="int32")))
+        self.built = True
+
+    def initial_state(self, grids, training: bool = False) -> list:
+        """[h0, c0, keys, regions, attention] for grids [B, R, C] (float16 or float32)."""
+        grids = ops.cast(grids, "float32")
+        x = self.feature_dropout(ops.mean(grids, axis=1), training=training)
+        batch = ops.shape(grids)[0]
+        return [self.init_h(x), self.init_c(x), ops.reshape(self.keys(grids), (batch, -1)),
+                ops.reshape(grids, (batch, -1)), ops.zeros((batch, self.regions))]
+
+    def _logits(self, embedded, outputs, training: bool):
+        """Split the cell's outputs and read the next word from embedding + h + context."""
+        h, context, alpha = ops.split(outputs, [self.units, self.units + self.feature_dim], axis=-1)
+        x = self.dropout(embedded + self.out_h(h) + self.out_context(context), training=training)
+        return self.head(x), alpha
+
+    def call(self, inputs, training: bool = False):
+        grids, tokens = inputs
+        states = self.initial_state(grids, training=training)
+        x = ops.take(self.embedding.embeddings, tokens, axis=0)
+        # No mask for the RNN, as in ShowAndTell: padding comes last and the loss ignores it.
+        logits, alpha = self._logits(x, self.rnn(x, initial_state=states[:4], training=training), training)
+        real = ops.cast(ops.not_equal(tokens, 0), alpha.dtype)
+        coverage = ops.sum(alpha * ops.expand_dims(real, -1), axis=1)  # [B, R]: attention each region got
+        self.add_loss(self.attention_lambda * ops.sum(ops.square(1.0 - coverage)) / ops.maximum(ops.sum(real), 1.0))
+        return logits
+
+    def step(self, tokens, states: list) -> tuple:
+        """One decoding step: token ids [B] and states -> (logits [B, V], new states, the last one
+        the attention weights [B, R] behind these logits)."""
+        x = ops.take(self.embedding.embeddings, tokens, axis=0)
+        outputs, cell_states = self.cell(x, list(states[:4]))
+        logits, alpha = self._logits(x, outputs, training=False)
+        return logits, [*cell_states, alpha]
+
+    def get_config(self) -> dict:
+        return {
+            **super().get_config(),
+            "vocab_size": self.vocab_size,
+            "feature_dim": self.feature_dim,
+            "regions": self.regions,
+            "embed_dim": self.embed_dim,
+            "units": self.units,
+            "attention_dim": self.attention_dim,
+            "dropout": self.dropout_rate,
+            "attention_lambda": self.attention_lambda,
         }
 
 

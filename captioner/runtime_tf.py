@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from captioner.model import ShowAndTell
+from captioner.model import ShowAndTell, ShowAttendTell
 from captioner.quiet_tensorflow import tf
 from captioner.text import Vocabulary
 
 
 class TensorFlowStep:
-    """A `StepModel` over a Keras `ShowAndTell`; it reads the model's live weights, so it also
-    decodes during training."""
+    """A `StepModel` over a Keras decoder (`ShowAndTell`, `ShowAttendTell`); it reads the model's
+    live weights, so it also decodes during training."""
 
-    def __init__(self, model: ShowAndTell):
+    def __init__(self, model: ShowAndTell | ShowAttendTell):
         self.model = model
+        #: which state holds the last step's attention weights (attention decoders only)
+        self.attention_state: int | None = getattr(model, "attention_state", None)
         # Never emit the tokens that are not words; <unk> is a word-shaped gap in a caption.
         banned = np.zeros(model.vocab_size, np.float32)
         banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
@@ -37,6 +39,6 @@ class TensorFlowStep:
         return log_probs.numpy(), [s.numpy() for s in states]
 
 
-def _log_softmax_step(model: ShowAndTell, tokens, states, banned):
+def _log_softmax_step(model: ShowAndTell | ShowAttendTell, tokens, states, banned):
     logits, states = model.step(tokens, states)
     return tf.nn.log_softmax(logits + banned), states

@@ -1,4 +1,5 @@
-"""Training the decoder with teacher forcing on cached image features.
+"""Training the decoder with teacher forcing on cached image features (pooled vectors for
+Show and Tell, spatial maps read from a memory-mapped file for Show, Attend and Tell).
 
 Input `<start> w1..wn`, target `w1..wn <end>`; masked cross-entropy; Adam with gradient
 clipping and a warm-up + cosine learning-rate schedule; early stopping and the best
@@ -22,7 +23,7 @@ from captioner.decoding import DecodeOptions, caption_texts
 from captioner.evaluation import bleu_scores
 from captioner.features import FeatureCache, encode_photos
 from captioner.fileio import atomic_save, atomic_write_text
-from captioner.model import MaskedCrossEntropy, ShowAndTell
+from captioner.model import MaskedCrossEntropy, ShowAndTell, ShowAttendTell
 from captioner.quiet_tensorflow import keras, tf
 from captioner.runtime_tf import TensorFlowStep
 from captioner.text import Vocabulary
@@ -31,8 +32,13 @@ from captioner.train_config import TrainConfig
 log = logging.getLogger(__name__)
 
 
-def build_model(config: TrainConfig, vocab_size: int, feature_dim: int) -> ShowAndTell:
-    """The decoder that `train` trains for this configuration (untrained)."""
+def build_model(config: TrainConfig, vocab_size: int, feature_dim: int,
+                regions: int | None = None) -> ShowAndTell | ShowAttendTell:
+    """The decoder that `train` trains for this configuration (untrained); `regions`: the
+    encoder's H*W, for show-attend-tell."""
+    if config.model_type == "show-attend-tell":
+        return ShowAttendTell(vocab_size, feature_dim, regions, config.embed_dim, config.units,
+                              config.attention_dim, config.dropout, config.attention_lambda)
     return ShowAndTell(vocab_size, feature_dim, config.embed_dim, config.units, config.num_layers,
                        config.dropout, config.rnn)
 
@@ -48,8 +54,19 @@ def teacher_forcing_dataset(
     features: np.ndarray, rows: np.ndarray, sequences: np.ndarray, vocab: Vocabulary,
     batch_size: int, shuffle: bool, seed: int = 0,
 ) -> tf.data.Dataset:
-    """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding."""
-    table = tf.constant(features)
+    """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding.
+    Pooled features [N, D] sit in the graph; grids [N, R, C] (a memory-mapped file for a whole
+    dataset) are read a batch at a time, so they never need to fit in memory."""
+    if features.ndim == 2:
+        table = tf.constant(features)
+
+        def lookup(row):
+            return tf.gather(table, row)
+    else:
+        def lookup(row):
+            grids = tf.numpy_function(lambda r: features[r], [row], tf.as_dtype(features.dtype), stateful=False)
+            grids.set_shape([None, *features.shape[1:]])
+            return grids
     lengths = (sequences != vocab.pad_id).sum(axis=1)
     ds = tf.data.Dataset.from_tensor_slices((rows, sequences, lengths))
     if shuffle:
@@ -68,7 +85,7 @@ def teacher_forcing_dataset(
     def split(row, seq):
         # The input drops <end> (it is never fed), so input and target masks match.
         inputs = tf.where(seq == vocab.end_id, vocab.pad_id, seq)[:, :-1]
-        return (tf.gather(table, row), inputs), seq[:, 1:]
+        return (lookup(row), inputs), seq[:, 1:]
 
     return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -178,11 +195,20 @@ def train(
     if not train_ids:
         raise ValueError(f"{dataset.root}: the dataset has no training images")
     vocab = Vocabulary.build((c for i in train_ids for c in dataset.captions[i]), config.min_count)
-    cache = FeatureCache(encoder.describe(), cache_dir)
+    attention = config.model_type == "show-attend-tell"
+    if attention:  # the decoder reads the CNN's map: cache it (float16) and keep it on disk
+        from captioner.encoder import GridEncoder
+
+        feature_encoder = GridEncoder(encoder)
+        cache = FeatureCache(encoder.describe(), cache_dir, grid_shape=feature_encoder.grid_shape)
+    else:
+        feature_encoder, cache = encoder, FeatureCache(encoder.describe(), cache_dir)
 
     def encode(ids: list[str], what: str) -> tuple[list[str], np.ndarray]:
-        ids, features, failures = encode_photos(dataset.images, ids, encoder, cache, progress=verbose > 0,
-                                                description=f"Encoding {what} photos")
+        # Grids go to a file in the run folder (Flickr8k's train split: 750 MB), rebuilt from the cache.
+        ids, features, failures = encode_photos(dataset.images, ids, feature_encoder, cache, progress=verbose > 0,
+                                                description=f"Encoding {what} photos",
+                                                out_path=output / f"grids-{what}.npy" if attention else None)
         for failure in failures:
             log.warning("skipped %s", failure)
         return ids, features
@@ -198,7 +224,8 @@ def train(
     # Variables made in the strategy's scope are mirrored on its devices; `fit` then splits
     # every batch among them and sums the gradients.
     with (strategy or tf.distribute.get_strategy()).scope():
-        model = build_model(config, len(vocab), encoder.feature_dim)
+        model = build_model(config, len(vocab), encoder.feature_dim,
+                            train_features.shape[1] if attention else None)
         warmup = int(config.warmup_epochs * steps)
         schedule = keras.optimizers.schedules.CosineDecay(
             config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
@@ -211,7 +238,7 @@ def train(
             # turns the word ids into floats that the embedding refuses; build it on a real-typed
             # batch first (an evaluation step: the weights do not change).
             words = np.zeros((1, 2), np.int32)
-            model.test_on_batch((np.zeros((1, encoder.feature_dim), np.float32), words), words)
+            model.test_on_batch((np.asarray(train_features[:1], np.float32), words), words)
 
     def make_bundle(best: dict) -> Bundle:
         # The dataset as described, not where it lay on the trainer's machine.
@@ -246,10 +273,15 @@ def train(
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
+    for what in ("train", "dev"):  # the grids stay in the cache; their run-folder copies go
+        (output / f"grids-{what}.npy").unlink(missing_ok=True)
     # The LiteRT files once, for the chosen epoch (converting costs seconds: not at every best epoch).
-    from captioner.export_litert import add_litert_files
+    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files
 
-    add_litert_files(output / "model", encoder)
+    if config.model_type in LITERT_MODEL_TYPES:
+        add_litert_files(output / "model", encoder)
+    else:
+        log.info("no LiteRT files: %s bundles run on TensorFlow", config.model_type)
     return load_bundle(output / "model")
 
 
