@@ -134,6 +134,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
 
     sub.add_parser("encoders", help="list the available image encoders")
+
+    from captioner.batching import ServerLimits
+
+    p = sub.add_parser("serve", help="serve captions over HTTP (TensorFlow Serving's predict API and uploads)",
+                       description="Serve captions over HTTP: POST /v1/models/captioner:predict (TensorFlow "
+                       "Serving's JSON), POST /caption (file uploads), GET /healthz, docs at /docs. Listens on "
+                       "the loopback interface unless --host says otherwise. See docs/serve.md.")
+    _model_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g = p.add_argument_group("limits")
+    for f in dataclasses.fields(ServerLimits):
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       metavar="N" if isinstance(f.default, int) else f.name.split("_")[-1].upper(),
+                       help=f"{f.metadata['help']} (default {f.default:,})")
     return parser
 
 
@@ -295,8 +311,52 @@ def cmd_encoders(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    import uvicorn
+
+    from captioner.batching import ServerLimits
+    from captioner.captioner import Captioner
+    from captioner.server import create_app
+
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model: {args.model}: no such model bundle folder")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: must be from 1 to 65535, got {args.port}")
+    try:
+        limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    failed: list[Exception] = []
+
+    def stop(error: Exception) -> None:  # a model that cannot load: no point serving 503s for ever
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(lambda: Captioner.load(args.model, args.encoder_weights), limits, on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info",
+        limit_concurrency=4 * limits.max_batch,  # connections beyond it get 503 at once, before any work
+        timeout_keep_alive=5,
+        # On Ctrl-C or SIGTERM, requests in flight may take their full time before the server stops.
+        timeout_graceful_shutdown=int(limits.request_timeout_s) + 5))
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving captions on http://{host}:{args.port} (docs: /docs; ready when /healthz says 200)"
+          + ("" if loopback else f"; listening on {args.host}: reachable from other machines"), file=sys.stderr)
+    server.run()
+    if failed:
+        raise failed[0]  # main() prints it as one line
+    return 0
+
+
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,
-            "evaluate": cmd_evaluate, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders}
+            "evaluate": cmd_evaluate, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

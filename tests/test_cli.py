@@ -22,7 +22,7 @@ from captioner.output import FIELDS as OUTPUT_FIELDS
 from captioner.synthetic import random_scene, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "make-shapes", "encoders"]
+SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "make-shapes", "encoders", "serve"]
 
 
 @dataclass
