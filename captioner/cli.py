@@ -349,9 +349,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     print(f"serving captions on http://{host}:{args.port} (docs: /docs; ready when /healthz says 200)"
           + ("" if loopback else f"; listening on {args.host}: reachable from other machines"), file=sys.stderr)
     server.run()
-    if failed:
-        raise failed[0]  # main() prints it as one line
-    return 0
+    return 2 if failed else 0  # the server has logged why the model could not be loaded
 
 
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,

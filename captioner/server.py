@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import tempfile
-import warnings
 from collections.abc import Callable
 from io import BytesIO
 from pathlib import Path
@@ -160,11 +159,11 @@ def _typed(name: str, value: Any) -> Any:
 def header_check(data: bytes, max_pixels: int) -> str | None:
     """Why a photo is refused before decoding (too many pixels by its header), or None; anything
     else (not an image, corrupt, empty) is left to the package's loader to word."""
+    # Pillow warns (DecompressionBombWarning) from 89 M pixels; such photos are refused just below.
+    # Silencing it would swap process-wide warning filters under the loader's threads.
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, by our limit
-            with Image.open(BytesIO(data)) as image:
-                width, height = image.size
+        with Image.open(BytesIO(data)) as image:
+            width, height = image.size
     except Image.DecompressionBombError:
         return f"image too large (over {min(max_pixels, MAX_PIXELS):,} pixels)"
     except Exception:  # noqa: BLE001 - the loader says what is wrong with it
