@@ -300,8 +300,10 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
             return error_response(400, "client disconnected")
         try:
             document = json.loads(data)
-        except (ValueError, UnicodeDecodeError) as e:
+        except ValueError as e:  # UnicodeDecodeError included
             raise RequestError(400, f"body is not JSON ({first_line(e)})") from None
+        except RecursionError:  # [[[[...]]]] nested deeper than the parser goes
+            raise RequestError(400, "body is not JSON this server reads (nested too deeply)") from None
         if not isinstance(document, dict) or not isinstance(document.get("instances"), list):
             raise RequestError(400, 'body must be a JSON object with an "instances" list')
         instances = document.pop("instances")
@@ -360,7 +362,10 @@ def _first_repeated(names: list[str]) -> str:
 
 
 def _no_clash(request: Request, fields: dict[str, Any]) -> dict[str, Any]:
-    """Body fields, refusing one that the query also sets (which would win is not obvious)."""
+    """Body fields, refusing one that the query also sets, or sets twice (which would win is not obvious)."""
+    repeated = sorted(k for k in request.query_params if len(request.query_params.getlist(k)) > 1)
+    if repeated:
+        raise RequestError(422, f"{repeated[0]}: given twice; give it once")
     both = sorted(set(fields) & set(request.query_params))
     if both:
         raise RequestError(422, f"{both[0]}: given both in the query and in the body; give it once")

@@ -163,6 +163,8 @@ def test_decoding_options_from_query_or_body_are_applied_and_validated(make_clie
     twice = client.post("/caption", files={"f": ("a.jpg", photos["good_6.jpg"])},
                         data={"max_len": ["3", "4"]})
     assert twice.status_code == 422 and twice.json()["error"] == "max_len: given twice; give it once"
+    twice = client.post(PREDICT_PATH, json={"instances": [instance]}, params=[("top", "1"), ("top", "2")])
+    assert twice.status_code == 422 and twice.json()["error"] == "top: given twice; give it once"
 
 
 def test_a_bad_photo_fails_only_its_own_row(make_client, photos, expected):
@@ -237,6 +239,25 @@ def test_openapi_documents_both_endpoints(make_client):
     predict = spec["paths"][PREDICT_PATH]["post"]
     assert "instances" in predict["requestBody"]["content"]["application/json"]["schema"]["properties"]
     assert {"method", "beam_size", "top", "max_len"} <= {p["name"] for p in predict["parameters"]}
+
+
+def test_no_input_gets_a_5xx(make_client, photos):
+    client = make_client()
+    good = b64(photos["good_0.jpg"])
+    bodies = [b"", b"null", b"[]", b'"instances"', b"[" * 100_000 + b"]" * 100_000, b"\xff\xfe\x00garbage",
+              b'{"instances": "x"}', b'{"instances": [1]}', b'{"instances": [{"b64": 5}]}',
+              b'{"instances": [{"b64": "%s", "extra": 1}]}' % good.encode(), b'{"instances": [null]}',
+              b'{"instances": [{"image_bytes": "x"}]}', b'{"instances": [{"b64": "%s"}], "top": null}' % good.encode(),
+              b'{"instances": [{"b64": "%s"}], "seed": -1}' % good.encode(),
+              b'{"instances": [{"b64": "%s"}], "temperature": "hot"}' % good.encode(),
+              b'{"instances": [{"b64": "%s"}], "beam_size": true}' % good.encode()]
+    for content in bodies:
+        for kind in ("application/json", "text/plain", "multipart/form-data; boundary=x"):
+            for path in (PREDICT_PATH, "/caption"):
+                response = client.post(path, content=content, headers={"content-type": kind})
+                assert 400 <= response.status_code < 500 or response.status_code == 200, (content[:60], kind, path)
+                assert isinstance(response.json().get("error", ""), str)
+    assert client.get("/healthz").status_code == 200
 
 
 # --- readiness -----------------------------------------------------------------------------------
