@@ -314,11 +314,7 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import ipaddress
 
-    import uvicorn
-
     from captioner.batching import ServerLimits
-    from captioner.captioner import Captioner
-    from captioner.server import create_app
 
     if args.model and not Path(args.model).is_dir():
         raise UsageError(f"--model: {args.model}: no such model bundle folder")
@@ -328,6 +324,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
         limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
     except ValueError as e:
         raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    # Imported only now: a mistake above costs no wait for TensorFlow.
+    import uvicorn
+
+    from captioner.captioner import Captioner
+    from captioner.server import create_app
+
     failed: list[Exception] = []
 
     def stop(error: Exception) -> None:  # a model that cannot load: no point serving 503s for ever
