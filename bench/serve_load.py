@@ -2,7 +2,9 @@
 
 Phases, in one run, on the same photos and model:
   cli     `captioner caption PHOTOS -o out.csv` in a subprocess: the batch photos/s it reports
-          (model load excluded), the reference the server's throughput is compared with.
+          (model load excluded), the reference the server's throughput is compared with. Run
+          before and after the serve phase, and averaged, so that other jobs on a shared machine
+          that come or go during the run weigh on both sides alike.
   serve   `captioner serve` in a subprocess on 127.0.0.1 and a free port; after a warm-up,
           `--clients` threads send `--requests` single-photo requests between them, alternating
           the TF Serving endpoint (base64 JSON) and multipart uploads, a share of them bad uploads
@@ -26,6 +28,7 @@ import argparse
 import base64
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -54,6 +57,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="concurrent requests before memory is first measured, so passes of every size have "
                    "run and the allocators have their pools (default 10 per client)")
     p.add_argument("--cli-photos", type=int, default=256, help="photos the CLI reference captions (default 256)")
+    p.add_argument("--serve-args", default="", metavar="ARGS",
+                   help="more flags for captioner serve, e.g. \"--batch-window-ms 40\" (default none)")
     p.add_argument("--max-seconds", type=float, default=900, help="stop sending after this long (default 900)")
     p.add_argument("--workdir", metavar="DIR", help="where generated photos go (default: a temp dir)")
     p.add_argument("--output", metavar="FILE", help="result JSON (default bench/results/serve_load.json)")
@@ -69,6 +74,12 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind((HOST, 0))
         return s.getsockname()[1]
+
+
+def cpu_seconds_of(pid: int) -> float:
+    """User + system CPU time of another process so far (less hostage to other jobs than wall time)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def rss_mib(pid: int) -> float:
@@ -95,9 +106,9 @@ def cli_reference(photos: list[Path], model: str, workdir: Path) -> dict:
     return {"photos": done, "seconds": seconds, "photos_per_s": done / seconds}
 
 
-def start_server(model: str, port: int) -> subprocess.Popen:
+def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
     process = subprocess.Popen([sys.executable, "-m", "captioner", "serve", "--model", model, "--host", HOST,
-                                "--port", str(port)], env=env(), stdout=subprocess.DEVNULL,
+                                "--port", str(port), *extra], env=env(), stdout=subprocess.DEVNULL,
                                stderr=subprocess.PIPE, text=True)
     import httpx
 
@@ -194,17 +205,19 @@ def main(argv=None) -> int:
         # Distinct photos for every request, the warm-up and the CLI, so no cache answers for the encoder.
         photos = generate_jpegs(args.requests + warmup, workdir / "photos", seed=15)
         print(f"{len(photos)} generated 500x375 JPEGs in {workdir / 'photos'}")
-        cli = cli_reference(photos[warmup : warmup + args.cli_photos], args.model, workdir)
-        print(f"CLI: {cli['photos']} photos in {cli['seconds']:.1f} s = {cli['photos_per_s']:.1f} photos/s")
+        cli_photos = photos[warmup : warmup + args.cli_photos]
+        cli_before = cli_reference(cli_photos, args.model, workdir)
+        print(f"CLI: {cli_before['photos']} photos in {cli_before['seconds']:.1f} s = "
+              f"{cli_before['photos_per_s']:.1f} photos/s")
 
         port = free_port()
-        server = start_server(args.model, port)
+        server = start_server(args.model, port, shlex.split(args.serve_args))
         base = f"http://{HOST}:{port}"
         try:
             # The warm-up runs passes of every size (compiling the tf.functions, filling the
             # allocators' pools), so that growth after it would be a leak, not a first use.
             run_load(base, photos[:warmup], args, warmup)
-            rss_before = rss_mib(server.pid)
+            rss_before, cpu_before = rss_mib(server.pid), cpu_seconds_of(server.pid)
             samples, sampling = [], threading.Event()
             sampler = threading.Thread(target=sample_rss, args=(server.pid, samples, sampling))
             sampler.start()
@@ -213,7 +226,7 @@ def main(argv=None) -> int:
             finally:
                 sampling.set()
                 sampler.join()
-            rss_after = rss_mib(server.pid)
+            rss_after, server_cpu = rss_mib(server.pid), cpu_seconds_of(server.pid) - cpu_before
             health = httpx.get(base + "/healthz", timeout=10).json()
         finally:
             server.terminate()
@@ -221,6 +234,10 @@ def main(argv=None) -> int:
                 server.wait(60)
             except subprocess.TimeoutExpired:
                 server.kill()
+        cli_after = cli_reference(cli_photos, args.model, workdir)
+        print(f"CLI again: {cli_after['photos_per_s']:.1f} photos/s")
+    cli = {"before": cli_before, "after": cli_after,
+           "photos_per_s": (cli_before["photos_per_s"] + cli_after["photos_per_s"]) / 2}
 
     good = [r for r in records if r["kind"] == "good"]
     ok = [r for r in good if r["status"] == 200]
@@ -231,7 +248,9 @@ def main(argv=None) -> int:
     result = {
         "clients": args.clients, "requests": len(records), "seconds": round(seconds, 2),
         "photos_per_s": round(photos_per_s, 2), "requests_per_s": round(len(records) / seconds, 2),
-        "cli_photos_per_s": round(cli["photos_per_s"], 2), "ratio_to_cli": round(photos_per_s / cli["photos_per_s"], 3),
+        "cli_photos_per_s": round(cli["photos_per_s"], 2),
+        "server_cpu_ms_per_photo": round(1000 * server_cpu / max(len(ok), 1), 1),
+        "ratio_to_cli": round(photos_per_s / cli["photos_per_s"], 3),
         "p50_ms": round(1000 * percentile(latencies, 50), 1), "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "good_captioned": len(ok), "good_sent": len(good), "bad_sent": len(records) - len(good),
         "errors_by_kind": dict(by_kind), "server_errors_5xx": sum(r["status"] >= 500 for r in records),
