@@ -207,6 +207,22 @@ def build_parser() -> argparse.ArgumentParser:
                        "cache, so `captioner train` and `evaluate` with that cache encode nothing.")
     p.add_argument("prefix", metavar="PREFIX")
     _encoder_options(p)
+
+    from captioner.batching import ServerLimits
+
+    p = sub.add_parser("serve", help="serve captions over HTTP (TensorFlow Serving's predict API and uploads)",
+                       description="Serve captions over HTTP: POST /v1/models/captioner:predict (TensorFlow "
+                       "Serving's JSON), POST /caption (file uploads), GET /healthz, docs at /docs. Listens on "
+                       "the loopback interface unless --host says otherwise. See docs/serve.md.")
+    _model_option(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine "
+                   "only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    g = p.add_argument_group("limits")
+    for f in dataclasses.fields(ServerLimits):
+        g.add_argument(f"--{f.name.replace('_', '-')}", type=type(f.default), default=f.default,
+                       metavar="N" if isinstance(f.default, int) else f.name.split("_")[-1].upper(),
+                       help=f"{f.metadata['help']} (default {f.default:,})")
     return parser
 
 
@@ -442,9 +458,53 @@ def cmd_import_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    import ipaddress
+
+    from captioner.batching import ServerLimits
+
+    if args.model and not Path(args.model).is_dir():
+        raise UsageError(f"--model: {args.model}: no such model bundle folder")
+    if not 0 < args.port < 65536:
+        raise UsageError(f"--port: must be from 1 to 65535, got {args.port}")
+    try:
+        limits = ServerLimits(**{f.name: getattr(args, f.name) for f in dataclasses.fields(ServerLimits)})
+    except ValueError as e:
+        raise UsageError(f"--{str(e).replace('_', '-')}") from None
+    # Imported only now: a mistake above costs no wait for TensorFlow.
+    import uvicorn
+
+    from captioner.captioner import Captioner
+    from captioner.server import create_app
+
+    failed: list[Exception] = []
+
+    def stop(error: Exception) -> None:  # a model that cannot load: no point serving 503s for ever
+        failed.append(error)
+        server.should_exit = True
+
+    app = create_app(lambda: Captioner.load(args.model, args.encoder_weights, runtime=args.runtime), limits,
+                     on_load_error=stop)
+    server = uvicorn.Server(uvicorn.Config(
+        app, host=args.host, port=args.port, log_level="info",
+        limit_concurrency=4 * limits.max_batch,  # connections beyond it get 503 at once, before any work
+        timeout_keep_alive=5,
+        # On Ctrl-C or SIGTERM, requests in flight may take their full time before the server stops.
+        timeout_graceful_shutdown=int(limits.request_timeout_s) + 5))
+    try:
+        loopback = ipaddress.ip_address(args.host).is_loopback
+    except ValueError:
+        loopback = args.host == "localhost"
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"serving captions on http://{host}:{args.port} (docs: /docs; ready when /healthz says 200)"
+          + ("" if loopback else f"; listening on {args.host}: reachable from other machines"), file=sys.stderr)
+    server.run()
+    return 2 if failed else 0  # the server has logged why the model could not be loaded
+
+
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,
             "evaluate": cmd_evaluate, "export": cmd_export, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders,
-            "beam": cmd_beam, "import-features": cmd_import_features}
+            "beam": cmd_beam, "import-features": cmd_import_features, "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

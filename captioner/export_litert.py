@@ -68,18 +68,16 @@ def encoder_tflite(encoder, calibration_images: np.ndarray | None = None) -> byt
     """The encoder's preprocessing and network as one LiteRT model; int8-quantised when given
     photos to calibrate on ([N, S, S, 3], 0..255: training photos, never evaluation ones)."""
     size = encoder.image_size
-    calibration = None
-    if calibration_images is not None:
-        def calibration():
-            for image in calibration_images:
-                yield {"images": image[None].astype(np.float32)}
+    def calibration():
+        for image in calibration_images:
+            yield {"images": image[None].astype(np.float32)}
 
     def features(images):
         return {"features": encoder.model(encoder.preprocess(images), training=False)}
 
     return _convert(encoder.model, {
         "features": (features, [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]),
-    }, calibration)
+    }, None if calibration_images is None else calibration)
 
 
 def export_litert(model, encoder, directory: Path) -> dict[str, str]:

@@ -1,0 +1,192 @@
+"""The serving core, without HTTP (so `captioner --help` need not import FastAPI): the server's
+limits, and micro-batching, by which photos of concurrent requests share one encoder and one
+decoder pass.
+
+Requests put their photos on a queue and await a future per photo. One worker takes the first
+waiting photo, gathers more for up to `window_ms` (or until `max_batch` photos), groups them by
+decoding options (photos decoded with other options cannot share a pass) and runs each group
+through the caption function in a thread, so the event loop keeps accepting and reading
+requests meanwhile. While a pass runs, new photos queue up, so under load batches fill by
+themselves and the window costs nothing.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+log = logging.getLogger(__name__)
+
+Options = TypeVar("Options")
+Result = TypeVar("Result")
+# (sources, options) -> one result per source, in order: `Captioner.caption` on a list.
+CaptionFn = Callable[[list, Options], Sequence[Result]]
+
+
+def _limit(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass(frozen=True)
+class ServerLimits:
+    """Every limit of the server, with its default: the one place they are set (`captioner
+    serve` has a flag for each, with this help)."""
+
+    max_body_bytes: int = _limit(32 * 2**20, "largest request body, counted as it arrives")
+    max_images: int = _limit(16, "most photos in one request")
+    # A 24-megapixel camera's photo fits; the header is read before a pixel is decoded.
+    max_pixels: int = _limit(25_000_000, "most pixels in one photo")
+    request_timeout_s: float = _limit(30.0, "seconds to receive a request and caption it")
+    # 10 ms merged 8.6 photos a pass with 16 clients on 2 busy cores, 25 ms 12.9 (a tenth less CPU per
+    # photo); a lone request pays it once (docs/serve.md, "Load test").
+    batch_window_ms: float = _limit(25.0, "milliseconds to wait for other requests' photos to share a pass")
+    max_batch: int = _limit(32, "most photos in one encoder and decoder pass")
+    max_pending: int = _limit(256, "most photos waiting across requests; beyond it, 503 busy")
+
+    def __post_init__(self) -> None:
+        for name in ("max_body_bytes", "max_images", "max_pixels", "max_batch", "max_pending"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: must be a whole number of at least 1, got {value!r}")
+        if not self.request_timeout_s > 0:  # `not >` also refuses NaN
+            raise ValueError(f"request_timeout_s: must be more than 0, got {self.request_timeout_s!r}")
+        if not self.batch_window_ms >= 0:
+            raise ValueError(f"batch_window_ms: must be 0 or more, got {self.batch_window_ms!r}")
+        if self.max_pending < self.max_images:
+            raise ValueError(f"max_pending: must be at least max_images ({self.max_images}), got {self.max_pending}")
+
+
+class BatcherClosed(RuntimeError):
+    """The batcher is shutting down (or was never started) and takes no new photos."""
+
+
+class BatcherBusy(RuntimeError):
+    """More photos are waiting than the batcher may hold; the caller should come back later."""
+
+
+@dataclass
+class BatchStats:
+    """What the batcher has done: tests and the load test read it to see that batches merge."""
+
+    passes: int = 0  # calls of the caption function (each: one encoder and one decoder pass)
+    photos: int = 0
+    largest: int = 0  # most photos in one pass
+    requests_merged: int = 0  # passes that held photos of more than one request
+    sizes: list[int] = field(default_factory=list)  # the last 1,000 pass sizes
+
+    def record(self, size: int, requests: int) -> None:
+        self.passes += 1
+        self.photos += size
+        self.largest = max(self.largest, size)
+        self.requests_merged += requests > 1
+        self.sizes = [*self.sizes[-999:], size]
+
+
+@dataclass
+class _Item:
+    source: object
+    options: object
+    group: Hashable  # photos of one group may share a pass
+    request: int
+    future: asyncio.Future
+
+
+class MicroBatcher(Generic[Options, Result]):
+    """Gathers photos of concurrent requests into shared caption passes (see the module doc)."""
+
+    def __init__(self, caption: CaptionFn, window_ms: float = 25.0, max_batch: int = 32, max_pending: int = 256):
+        self.caption, self.window, self.max_batch, self.max_pending = caption, window_ms / 1000, max_batch, max_pending
+        self.stats = BatchStats()
+        self._queue: asyncio.Queue[_Item] | None = None
+        self._worker: asyncio.Task | None = None
+        self._closed = True
+        self._requests = 0
+        self._pending = 0
+
+    async def start(self) -> None:
+        """Start the worker on the running event loop."""
+        self._queue = asyncio.Queue()
+        self._closed = False
+        self._worker = asyncio.create_task(self._run(), name="captioner-batcher")
+
+    async def stop(self) -> None:
+        """Take no new photos, finish those already queued, then stop the worker."""
+        self._closed = True
+        if self._worker is None:
+            return
+        await self._queue.join()
+        self._worker.cancel()
+        try:
+            await self._worker
+        except asyncio.CancelledError:
+            pass
+        self._worker = None
+
+    @property
+    def pending(self) -> int:
+        """Photos queued or being captioned."""
+        return self._pending
+
+    async def submit(self, sources: Sequence, options: Options, shareable: bool = True) -> list[Result]:
+        """Caption `sources` with `options`, in a pass shared with other requests' photos when
+        `shareable` (a pass's result for a photo must not depend on its batch-mates; seeded
+        sampling draws one random stream for the whole pass, so it is not shareable)."""
+        if self._closed:
+            raise BatcherClosed("the server is shutting down")
+        if self._pending + len(sources) > self.max_pending:
+            raise BatcherBusy(f"{self._pending} photos are waiting (at most {self.max_pending})")
+        self._requests += 1
+        request = self._requests
+        group = options if shareable else (options, request)
+        loop = asyncio.get_running_loop()
+        items = [_Item(s, options, group, request, loop.create_future()) for s in sources]
+        self._pending += len(items)
+        for item in items:
+            self._queue.put_nowait(item)
+        try:
+            return list(await asyncio.gather(*(i.future for i in items)))
+        finally:
+            for item in items:  # a timed-out or disconnected request: its photos need no pass
+                item.future.cancel()
+
+    async def _run(self) -> None:
+        while True:
+            batch = [await self._queue.get()]
+            deadline = time.monotonic() + self.window
+            while len(batch) < self.max_batch:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0 and self._queue.empty():
+                    break
+                try:
+                    batch.append(self._queue.get_nowait() if timeout <= 0 else
+                                 await asyncio.wait_for(self._queue.get(), timeout))
+                except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                    break
+            try:
+                await self._caption(batch)
+            finally:
+                self._pending -= len(batch)
+                for _ in batch:
+                    self._queue.task_done()
+
+    async def _caption(self, batch: list[_Item]) -> None:
+        groups: dict[Hashable, list[_Item]] = {}
+        for item in batch:
+            if not item.future.done():  # skip photos whose request has gone
+                groups.setdefault(item.group, []).append(item)
+        for items in groups.values():
+            try:
+                results = await asyncio.to_thread(self.caption, [i.source for i in items], items[0].options)
+            except Exception as e:  # noqa: BLE001 - a failed pass fails its requests, never the worker
+                log.exception("caption pass of %d photos failed", len(items))
+                for item in items:
+                    if not item.future.done():
+                        item.future.set_exception(e)
+                continue
+            self.stats.record(len(items), len({i.request for i in items}))
+            for item, result in zip(items, results):
+                if not item.future.done():
+                    item.future.set_result(result)
