@@ -48,15 +48,13 @@ def main(argv=None) -> int:
     from captioner.data import load_dataset
     from captioner.encoder import ImageEncoder
     from captioner.evaluation import evaluate
-    from captioner.export_litert import encoder_tflite
+    from captioner.export_litert import calibration_photos, encoder_tflite
     from captioner.images import load_image
 
     dataset = load_dataset(paths.default_data())
     bundle = load_bundle(paths.SHIPPED_MODEL)
     encoder = ImageEncoder(bundle.encoder["name"])
-    rng = np.random.default_rng(0)
-    train_ids = rng.choice(dataset.splits["train"], args.calibration, replace=False)
-    calibration = np.stack([load_image(dataset.images[i], encoder.image_size) for i in train_ids])
+    calibration = calibration_photos(dataset, encoder.image_size, args.calibration)
     with tempfile.TemporaryDirectory() as tmp:
         int8_dir = Path(shutil.copytree(paths.SHIPPED_MODEL, Path(tmp) / "int8"))
         started = time.perf_counter()
@@ -64,7 +62,7 @@ def main(argv=None) -> int:
         convert_seconds = time.perf_counter() - started
         (int8_dir / "encoder.tflite").write_bytes(data)
         write_config(int8_dir, bundle, {**bundle.litert, "encoder.tflite": hashlib.sha256(data).hexdigest()})
-        runs = {"float": Captioner.load(paths.SHIPPED_MODEL, cache_dir=Path(tmp) / "float", runtime="litert"),
+        runs = {"float": Captioner.load(paths.SHIPPED_MODEL, cache_dir=Path(tmp) / "float", runtime="litert-float"),
                 "int8": Captioner.load(int8_dir, cache_dir=Path(tmp) / "int8cache", runtime="litert")}
         dev_photos = np.stack([load_image(dataset.images[i], encoder.image_size)
                                for i in dataset.splits["dev"][:32]])

@@ -5,6 +5,7 @@
     <bundle>/vocab.json     the vocabulary (ids 0..3 are <pad> <start> <end> <unk>)
     <bundle>/decoder.keras  the Keras model file (architecture + weights), loaded in safe mode
     <bundle>/encoder.tflite, decoder.tflite   the same networks for the LiteRT runtime (optional)
+    <bundle>/encoder.int8.tflite              the encoder quantised to int8 (optional, faster)
 
 Bundles may come from strangers, so loading runs no code from them and allocates nothing a
 config asks for before checking it: every field's type and range is checked, file sizes are
@@ -34,7 +35,7 @@ from captioner.version import __version__
 FORMAT = "captioner-bundle"
 FORMAT_VERSION = 2  # 2: the decoding defaults hold max_len; version 1 bundles still load
 CONFIG, VOCAB, DECODER = "config.json", "vocab.json", "decoder.keras"
-LITERT_FILES = ("encoder.tflite", "decoder.tflite")  # the only runtime files a bundle may name
+LITERT_FILES = ("encoder.tflite", "decoder.tflite", "encoder.int8.tflite")  # the only runtime files a bundle may name
 
 # The model families a bundle may hold: config name -> class name in captioner.model.
 MODEL_TYPES: dict[str, str] = {"show-and-tell": "ShowAndTell", "show-attend-tell": "ShowAttendTell"}
@@ -272,7 +273,7 @@ def _check_config(directory: Path, config: Any) -> dict:
     litert = config.get("litert", {})
     if (not isinstance(litert, dict) or not set(litert) <= set(LITERT_FILES)
             or not all(isinstance(v, str) and len(v) == 64 for v in litert.values())):
-        raise BundleError(f"{where}: 'litert' must map {' and '.join(LITERT_FILES)} to their SHA-256")
+        raise BundleError(f"{where}: 'litert' must map some of {', '.join(LITERT_FILES)} to their SHA-256")
     try:
         decoding = DecodeOptions.from_dict(config.get("decoding"))
     except (TypeError, ValueError) as e:

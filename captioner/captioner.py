@@ -14,7 +14,7 @@ from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
 from captioner.features import FeatureCache, iter_features
 from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
 
-RUNTIMES = ("auto", "litert", "tf")
+RUNTIMES = ("auto", "litert", "litert-float", "tf")
 
 
 @dataclass(frozen=True)
@@ -103,9 +103,11 @@ class Captioner:
              cache_dir: str | Path | None = None, runtime: str = "auto") -> Captioner:
         """Load a bundle (default: `$CAPTIONER_MODEL` or the shipped model) and its encoder.
 
-        `runtime`: "litert" runs the bundle's .tflite files without importing TensorFlow; "tf"
-        runs the Keras decoder and encoder; "auto" takes LiteRT when the bundle has its files,
-        the interpreter is installed and the encoder weights are the default ones.
+        `runtime`: "litert" runs the bundle's .tflite files without importing TensorFlow (with its
+        int8 encoder when it has one); "litert-float" the same with the float encoder, whose
+        captions are TensorFlow's; "tf" runs the Keras decoder and encoder; "auto" takes "litert"
+        when the bundle has its files, the interpreter is installed and the encoder weights are
+        the default ones.
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -115,7 +117,7 @@ class Captioner:
 
             bundle = load_bundle(directory, load_decoder=False)
             usable = bool(bundle.litert) and runtime_litert.available() and encoder_weights == "default"
-            if runtime == "litert" and not usable:
+            if runtime.startswith("litert") and not usable:
                 # Attention bundles get no LiteRT files ("auto" runs them on TensorFlow).
                 why = (f"{bundle.model_type} models run on TensorFlow only" if bundle.model_type != "show-and-tell"
                        else "the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
@@ -124,7 +126,8 @@ class Captioner:
                 raise BundleError(f"{directory}: cannot run on LiteRT: {why}")
             if usable:
                 step = runtime_litert.LiteRTStep(bundle)
-                return cls(bundle, runtime_litert.LiteRTEncoder(bundle), cache_dir, step)
+                encoder = runtime_litert.LiteRTEncoder(bundle, int8=runtime != "litert-float")
+                return cls(bundle, encoder, cache_dir, step)
         from captioner.encoder import ImageEncoder
 
         bundle = load_bundle(directory)

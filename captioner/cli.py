@@ -16,7 +16,7 @@ from pathlib import Path
 from captioner import paths
 from captioner.decoding import METHODS, DecodeOptions, OptionError
 
-RUNTIMES = ("auto", "litert", "tf")  # as captioner.captioner.RUNTIMES, which imports more than a parser needs
+RUNTIMES = ("auto", "litert", "litert-float", "tf")  # as captioner.captioner.RUNTIMES, which imports more than a parser needs
 
 # DecodeOptions field -> the flag that sets it, for messages that name what the user typed.
 DECODE_FLAGS = {"method": "--method", "beam_size": "--beam-size", "max_len": "--max-len",
@@ -61,8 +61,9 @@ def _model_option(p: argparse.ArgumentParser, runtime: bool = True) -> None:
                    help="encoder weights: 'default' (offline file), 'imagenet' (Keras download) or a .weights.h5 path")
     if runtime:
         p.add_argument("--runtime", choices=RUNTIMES, default="auto",
-                       help="'litert': the bundle's .tflite files, no TensorFlow (fast start); 'tf': TensorFlow; "
-                       "'auto' (default): LiteRT when the bundle has its files")
+                       help="'litert': the bundle's .tflite files, no TensorFlow (fast start; its int8 encoder when "
+                       "it has one); 'litert-float': the same with the float encoder (TensorFlow's captions); "
+                       "'tf': TensorFlow; 'auto' (default): litert when the bundle has its files")
 
 
 def _data_options(p: argparse.ArgumentParser) -> None:
@@ -156,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Convert a bundle's encoder and decoder to LiteRT (.tflite) files and record "
                        "them in its config. Bundles written by `captioner train` have them already.")
     _model_option(p, runtime=False)
+    p.add_argument("--int8-calibration", metavar="DIR",
+                   help="also write an int8 encoder, calibrated on 200 photos of this dataset's train split")
 
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset (demo and tests)")
     p.add_argument("output", metavar="DIR")
@@ -377,8 +380,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from captioner.export_litert import add_litert_files
 
+    from captioner.bundle import load_bundle
+    from captioner.data import load_dataset
+    from captioner.export_litert import calibration_photos
+
     model = args.model or paths.default_model()
-    for name, digest in add_litert_files(model, args.encoder_weights).items():
+    calibration = None
+    if args.int8_calibration:
+        size = load_bundle(model, load_decoder=False).encoder["image_size"]
+        calibration = calibration_photos(load_dataset(args.int8_calibration), size)
+    for name, digest in add_litert_files(model, args.encoder_weights, calibration).items():
         print(f"{Path(model) / name}  sha256 {digest[:16]}")
     return 0
 

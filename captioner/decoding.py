@@ -139,14 +139,17 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
     scores = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], n)
     history = np.zeros((n * k, 0), np.int32)
     finished: list[list[Hypothesis]] = [[] for _ in range(n)]
-    done = np.zeros(n, bool)
+    # Images still searching; row b of the arrays is beam b % k of image alive[b // k]. An image
+    # whose search is over leaves the arrays, so it costs no further steps.
+    alive = np.arange(n)
     for t in range(options.max_len + 1):
         log_probs, states = model.step(tokens, states)
         vocab_size = log_probs.shape[1]
         if t == options.max_len:  # out of room: the caption is cut here, at no cost
             log_probs = np.full_like(log_probs, -np.inf)
             log_probs[:, end] = 0.0
-        cand = (scores[:, None] + log_probs).reshape(n, -1)  # [n, k*V]
+        m = len(alive)
+        cand = (scores[:, None] + log_probs).reshape(m, -1)  # [m, k*V]
         # The best 2k candidates, best first: enough to still fill k live beams.
         top = np.argpartition(-cand, 2 * k - 1, axis=1)[:, : 2 * k]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(cand, top, axis=1), axis=1), axis=1)
@@ -154,26 +157,29 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
         beam, word = np.divmod(top, vocab_size)
         is_end = word == end
         # An <end> only counts while it ranks within the image's top k candidates.
-        for i, r in zip(*np.nonzero(is_end & (np.arange(2 * k) < k) & ~done[:, None])):
+        for i, r in zip(*np.nonzero(is_end & (np.arange(2 * k) < k))):
             if np.isfinite(top_scores[i, r]):
                 ids = history[i * k + beam[i, r]].tolist()
                 lp = float(top_scores[i, r])
-                finished[i].append(Hypothesis(ids, lp, lp / (len(ids) + 1) ** options.length_penalty,
-                                              seen[i * k + beam[i, r]] if attends else None))
-        done |= np.array([len(f) >= k for f in finished])
+                finished[alive[i]].append(Hypothesis(ids, lp, lp / (len(ids) + 1) ** options.length_penalty,
+                                                     seen[i * k + beam[i, r]] if attends else None))
+        done = np.array([len(finished[a]) >= k for a in alive])
         if done.all():
             break
         # Live beams: the best k candidates that are not <end>.
         rank = np.where(is_end, 2 * k, np.cumsum(~is_end, axis=1) - 1)
         pick = np.argsort(rank, axis=1, kind="stable")[:, :k]
-        src = (np.arange(n)[:, None] * k + np.take_along_axis(beam, pick, axis=1)).ravel()
+        src = (np.arange(m)[:, None] * k + np.take_along_axis(beam, pick, axis=1)).ravel()
         tokens = np.take_along_axis(word, pick, axis=1).ravel().astype(np.int32)
         scores = np.take_along_axis(top_scores, pick, axis=1).ravel()
-        scores[np.repeat(done, k)] = -np.inf  # finished images stop competing
         history = np.concatenate([history[src], tokens[:, None]], axis=1)
         states = [s[src] for s in states]
         if attends:  # the new word's weights: those its source beam's step just used
             seen = np.concatenate([seen[src], _attention(model, states)[:, None]], axis=1)
+        if done.any():  # finished images leave the search
+            rows = np.repeat(~done, k)
+            tokens, scores, history, states = tokens[rows], scores[rows], history[rows], [s[rows] for s in states]
+            seen, alive = seen[rows], alive[~done]
     return [sorted(f, key=lambda h: -h.score)[: options.num_results] for f in finished]
 
 

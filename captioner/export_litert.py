@@ -20,6 +20,7 @@ import numpy as np
 
 from captioner.encoder import ImageEncoder
 from captioner.fileio import atomic_write_bytes
+from captioner.native_logs import filtered_stderr
 from captioner.quiet_tensorflow import keras, tf
 from captioner.text import Vocabulary
 
@@ -41,7 +42,8 @@ def _convert(track, endpoints: dict, calibration=None) -> bytes:
         if calibration is not None:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = calibration
-        return converter.convert()
+        with filtered_stderr():
+            return converter.convert()
 
 
 def decoder_tflite(model) -> bytes:
@@ -80,19 +82,37 @@ def encoder_tflite(encoder, calibration_images: np.ndarray | None = None) -> byt
     }, None if calibration_images is None else calibration)
 
 
-def export_litert(model, encoder, directory: Path) -> dict[str, str]:
-    """Write `encoder.tflite` and `decoder.tflite` into `directory`; their SHA-256 by file name."""
+def calibration_photos(dataset, image_size: int, count: int = 200, seed: int = 0) -> np.ndarray:
+    """`count` photos of the dataset's train split (never evaluation photos), [N, S, S, 3] 0..255,
+    to calibrate an int8 encoder on."""
+    from captioner.images import load_image
+
+    train = dataset.splits.get("train") or []
+    if not train:
+        raise ValueError(f"{dataset.root}: no train split to calibrate an int8 encoder on")
+    chosen = np.random.default_rng(seed).choice(train, min(count, len(train)), replace=False)
+    return np.stack([load_image(dataset.images[i], image_size) for i in chosen])
+
+
+def export_litert(model, encoder, directory: Path, calibration_images: np.ndarray | None = None) -> dict[str, str]:
+    """Write `encoder.tflite` and `decoder.tflite` into `directory` (and `encoder.int8.tflite`, given
+    training photos to calibrate on); their SHA-256 by file name."""
+    files = [("encoder.tflite", encoder_tflite(encoder)), ("decoder.tflite", decoder_tflite(model))]
+    if calibration_images is not None:
+        files.append(("encoder.int8.tflite", encoder_tflite(encoder, calibration_images)))
     hashes = {}
-    for name, data in (("encoder.tflite", encoder_tflite(encoder)), ("decoder.tflite", decoder_tflite(model))):
+    for name, data in files:
         atomic_write_bytes(directory / name, data)
         hashes[name] = hashlib.sha256(data).hexdigest()
     return hashes
 
 
-def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "default") -> dict[str, str]:
+def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "default",
+                     calibration_images: np.ndarray | None = None) -> dict[str, str]:
     """Give a bundle its LiteRT files (what `captioner export` and the end of training do): the
-    encoder it was trained with (or weights to build it with) goes in too. The decoder and
-    vocabulary stay as they are; config.json is rewritten last, so a crash leaves the old bundle."""
+    encoder it was trained with (or weights to build it with) goes in too, and an int8 encoder
+    when given training photos to calibrate it on. The decoder and vocabulary stay as they are;
+    config.json is rewritten last, so a crash leaves the old bundle."""
     from captioner.bundle import BundleError, load_bundle, write_config
 
     bundle = load_bundle(bundle_dir)
@@ -104,6 +124,6 @@ def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "defa
     if encoder.describe() != bundle.encoder:
         raise BundleError(f"{bundle_dir}: encoder {encoder.name} ({encoder.weights_id[:20]}) is not the one "
                           "the bundle was trained with")
-    hashes = export_litert(bundle.model, encoder, Path(bundle_dir))
+    hashes = export_litert(bundle.model, encoder, Path(bundle_dir), calibration_images)
     write_config(Path(bundle_dir), bundle, hashes)
     return hashes

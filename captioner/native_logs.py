@@ -22,6 +22,7 @@ NOTICES = re.compile(
     r"|This TensorFlow binary is optimized to use available CPU instructions"
     r"|To enable the following instructions: .* rebuild TensorFlow"
     r"|Created TensorFlow Lite XNNPACK delegate for CPU"
+    r"|fully_quantize: \d+, inference_type: \d+"  # the LiteRT converter's int8 calibration
 )
 
 

@@ -130,3 +130,21 @@ def test_export_adds_the_files_to_an_existing_bundle(model_dir, tmp_path):
     assert done.returncode == 0, done.stderr
     assert sorted(load_bundle(copy, load_decoder=False).litert) == ["decoder.tflite", "encoder.tflite"]
     assert Captioner.load(copy).runtime == "litert"
+
+
+def test_an_int8_encoder_is_exported_on_request_and_preferred(model_dir, tmp_path, shapes_root, shapes):
+    copy = shutil.copytree(model_dir, tmp_path / "bundle")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "captioner", "export", "--model", str(copy),
+                           "--int8-calibration", str(shapes_root)], capture_output=True, text=True, env=env,
+                          timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "fully_quantize" not in done.stderr  # the converter's calibration notice is filtered
+    assert sorted(load_bundle(copy, load_decoder=False).litert) == ["decoder.tflite", "encoder.int8.tflite",
+                                                                    "encoder.tflite"]
+    fast, exact = Captioner.load(copy), Captioner.load(copy, runtime="litert-float")
+    assert fast.encoder.int8 and not exact.encoder.int8
+    photos = np.stack([load_image(shapes.images[i], fast.encoder.image_size) for i in shapes.splits["dev"][:8]])
+    a, b = fast.encoder(photos), exact.encoder(photos)
+    assert a.shape == b.shape and not np.array_equal(a, b)  # really the quantised network
+    assert np.corrcoef(a.ravel(), b.ravel())[0, 1] > 0.9  # and still the same features, roughly
