@@ -63,7 +63,7 @@ def machine_info() -> dict:
     import keras
     import numpy as np
     import PIL
-    import tensorflow as tf
+    from captioner.quiet_tensorflow import tf
 
     return {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -127,7 +127,7 @@ def _peak_rss_mib() -> float:
 
 def matmul_gflops(n: int = 2048, repeats: int = 7) -> dict:
     """Best and median GFLOP/s of an n x n float32 matmul in a tf.function (2 n^3 FLOPs)."""
-    import tensorflow as tf
+    from captioner.quiet_tensorflow import tf
 
     a = tf.random.normal((n, n), seed=1)
     b = tf.random.normal((n, n), seed=2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +43,9 @@ def _convert(track, endpoints: dict, calibration=None) -> bytes:
         if calibration is not None:
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
             converter.representative_dataset = calibration
-        with filtered_stderr():
+        with filtered_stderr(), warnings.catch_warnings():
+            # int8 calibration runs TensorFlow's own (deprecated) interpreter: its warning is not ours
+            warnings.filterwarnings("ignore", message=r"\s*Warning: tf.lite.Interpreter is deprecated")
             return converter.convert()
 
 

@@ -68,7 +68,7 @@ class _Model:
 
 class LiteRTEncoder:
     """The bundle's encoder as a LiteRT model: RGB images [N, S, S, 3] -> features [N, D]; its
-    int8 version when the bundle has one and `int8` is asked for (about 2.7x faster, see
+    int8 version when the bundle has one and `int8` is asked for (2-2.7x faster, see
     bench/litert_int8.py), else the float one (features within 1e-4 of TensorFlow's)."""
 
     def __init__(self, bundle: Bundle, int8: bool = True):
