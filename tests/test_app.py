@@ -248,3 +248,13 @@ def test_limits_hold_wherever_the_page_is_started(bundle_dir, app):
     [error] = [e.value for e in at.main.error]
     assert error.startswith(f"**48mp.png** could not be captioned: image too large (8000x6000, over "
                             f"{app.MAX_PHOTO_PIXELS:,} pixels)")
+
+
+def test_visitors_never_see_a_stack_trace(bundle_dir):
+    """Set by the page itself: .streamlit/config.toml applies only when started from the repository."""
+    from streamlit import config
+
+    config.set_option("client.showErrorDetails", "full")
+    open_page()
+    assert config.get_option("client.showErrorDetails") == "none"
+    assert config.get_option("client.toolbarMode") == "viewer"
