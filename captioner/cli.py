@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 from captioner import paths
+from captioner.captioner import RUNTIMES  # imports no TensorFlow: the runtimes load theirs when chosen
 from captioner.decoding import METHODS, DecodeOptions, OptionError
 
-RUNTIMES = ("auto", "litert", "litert-float", "tf")  # as captioner.captioner.RUNTIMES, which imports more than a parser needs
 
 # DecodeOptions field -> the flag that sets it, for messages that name what the user typed.
 DECODE_FLAGS = {"method": "--method", "beam_size": "--beam-size", "max_len": "--max-len",
@@ -378,11 +378,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from captioner.export_litert import add_litert_files
-
     from captioner.bundle import load_bundle
     from captioner.data import load_dataset
-    from captioner.export_litert import calibration_photos
+    from captioner.export_litert import add_litert_files, calibration_photos
 
     model = args.model or paths.default_model()
     calibration = None
