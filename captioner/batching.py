@@ -45,9 +45,11 @@ class ServerLimits:
     batch_window_ms: float = _limit(25.0, "milliseconds to wait for other requests' photos to share a pass")
     max_batch: int = _limit(32, "most photos in one encoder and decoder pass")
     max_pending: int = _limit(256, "most photos waiting across requests; beyond it, 503 busy")
+    # Uploads are rarely sent twice: a small in-memory feature cache keeps the server's memory flat.
+    cache_photos: int = _limit(256, "photos whose features stay in memory (a repeated upload is not re-encoded)")
 
     def __post_init__(self) -> None:
-        for name in ("max_body_bytes", "max_images", "max_pixels", "max_batch", "max_pending"):
+        for name in ("max_body_bytes", "max_images", "max_pixels", "max_batch", "max_pending", "cache_photos"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: must be a whole number of at least 1, got {value!r}")

@@ -67,7 +67,7 @@ class Captioner:
     the decoder reads: the encoder's pooled vectors, or its spatial maps for an attention model."""
 
     def __init__(self, bundle: Bundle, encoder, cache_dir: str | Path | None = None,
-                 step_model: StepModel | None = None):
+                 step_model: StepModel | None = None, cache_items: int = 4096):
         identity = encoder.describe()
         expected = bundle.encoder
         # Any difference (weights, or a feature size the decoder cannot take) would give nonsense captions.
@@ -96,11 +96,12 @@ class Captioner:
                 raise BundleError(f"model attends over {bundle.decoder_sizes['regions']} regions but encoder "
                                   f"{encoder.name} gives {self.grid_shape[0]}x{self.grid_shape[1]}")
         # Features are cached by photo content, so re-captioning with new settings re-encodes nothing.
-        self.cache = FeatureCache(identity, cache_dir, grid_shape=self.grid_shape)
+        # `cache_items` bounds the features kept in memory (a server of unique photos wants few).
+        self.cache = FeatureCache(identity, cache_dir, memory_items=cache_items, grid_shape=self.grid_shape)
 
     @classmethod
     def load(cls, model: str | Path | None = None, encoder_weights: str = "default",
-             cache_dir: str | Path | None = None, runtime: str = "auto") -> Captioner:
+             cache_dir: str | Path | None = None, runtime: str = "auto", cache_items: int = 4096) -> Captioner:
         """Load a bundle (default: `$CAPTIONER_MODEL` or the shipped model) and its encoder.
 
         `runtime`: "litert" runs the bundle's .tflite files without importing TensorFlow (with its
@@ -127,11 +128,12 @@ class Captioner:
             if usable:
                 step = runtime_litert.LiteRTStep(bundle)
                 encoder = runtime_litert.LiteRTEncoder(bundle, int8=runtime != "litert-float")
-                return cls(bundle, encoder, cache_dir, step)
+                return cls(bundle, encoder, cache_dir, step, cache_items)
         from captioner.encoder import ImageEncoder
 
         bundle = load_bundle(directory)
-        return cls(bundle, ImageEncoder(bundle.encoder["name"], weights=encoder_weights), cache_dir)
+        return cls(bundle, ImageEncoder(bundle.encoder["name"], weights=encoder_weights), cache_dir,
+                   cache_items=cache_items)
 
     @property
     def options(self) -> DecodeOptions:

@@ -492,7 +492,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         failed.append(error)
         server.should_exit = True
 
-    app = create_app(lambda: Captioner.load(args.model, args.encoder_weights, runtime=args.runtime), limits,
+    app = create_app(lambda: Captioner.load(args.model, args.encoder_weights, runtime=args.runtime,
+                                            cache_items=limits.cache_photos), limits,
                      on_load_error=stop)
     server = uvicorn.Server(uvicorn.Config(
         app, host=args.host, port=args.port, log_level="info",
