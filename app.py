@@ -35,7 +35,7 @@ Photo = tuple[str, bytes]  # (file name shown to the user, file content)
 ICON = Path(__file__).parent / "data" / "app-icon.png"  # a local file: the page fetches nothing from outside
 # What one visitor may ask of the server, set here so it holds wherever the page is started from.
 MAX_UPLOAD_MB = 25  # per file
-MAX_PHOTO_PIXELS = 40_000_000  # per photo, refused from its header: a 12-48 MP phone photo passes
+MAX_PHOTO_PIXELS = 50_000_000  # per photo, refused from its header: a 48-megapixel phone photo passes
 MAX_SESSION_PHOTOS = 48  # photos captioned per visit: with the per-photo limit, the session's pixel budget
 METHOD_LABELS = {"beam": "Beam search", "greedy": "Greedy", "sample": "Sampling"}
 BATCH_SIZE = 8  # photos per encoder pass: small enough for the progress bar to move

@@ -240,13 +240,13 @@ def test_page_fetches_nothing_from_outside(app):
 
 def test_limits_hold_wherever_the_page_is_started(bundle_dir, app):
     """Pixels per photo are limited in code, not only by .streamlit/config.toml (which applies
-    only when the page is started from the repository's root): a 48-megapixel photo is refused
+    only when the page is started from the repository's root): a 60-megapixel photo is refused
     from its header although the package's own limit (89 MP) would let it through."""
     at = open_page()
-    at.file_uploader(key="uploads").set_value([("48mp.png", png_header_only(8000, 6000), "image/png")]).run()
+    at.file_uploader(key="uploads").set_value([("60mp.png", png_header_only(10000, 6000), "image/png")]).run()
     assert not at.exception, at.exception
     [error] = [e.value for e in at.main.error]
-    assert error.startswith(f"**48mp.png** could not be captioned: image too large (8000x6000, over "
+    assert error.startswith(f"**60mp.png** could not be captioned: image too large (10000x6000, over "
                             f"{app.MAX_PHOTO_PIXELS:,} pixels)")
 
 
