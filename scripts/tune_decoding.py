@@ -1,6 +1,6 @@
 """Pick decoding settings for a trained bundle on the dev split (never on test).
 
-    python scripts/tune_decoding.py --model runs/f8k/model --data ../shared/flickr8k
+    python scripts/tune_decoding.py --model runs/f8k/model
 
 Scores greedy decoding and beam search over widths and length penalties with corpus BLEU,
 and prints a Markdown table; features come from the cache, so only decoding is timed.
@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import replace
 
+from captioner import paths
 from captioner.captioner import Captioner
 from captioner.data import load_dataset
 from captioner.evaluation import evaluate
@@ -20,14 +21,14 @@ from captioner.evaluation import evaluate
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True)
-    parser.add_argument("--data", required=True)
+    parser.add_argument("--data", help="dataset folder (default: $CAPTIONER_DATA or data/flickr8k)")
     parser.add_argument("--split", default="dev")
     parser.add_argument("--beam-sizes", type=int, nargs="+", default=[3, 5, 10])
     parser.add_argument("--length-penalties", type=float, nargs="+", default=[0.0, 0.5, 1.0])
     args = parser.parse_args()
 
     captioner = Captioner.load(args.model)
-    dataset = load_dataset(args.data)
+    dataset = load_dataset(args.data or paths.default_data())
     settings = [dict(method="greedy")] + [dict(method="beam", beam_size=k, length_penalty=a)
                                           for k, a in itertools.product(args.beam_sizes, args.length_penalties)]
     print(f"{args.split} split, model {args.model}\n")
