@@ -17,6 +17,7 @@ import json
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -158,11 +159,18 @@ def show_missing_model(error: Exception | None) -> None:
     )
 
 
+def runtime_name(captioner: Captioner) -> str:
+    """`LiteRT (int8 encoder)`, `LiteRT` or `TensorFlow`: what runs the networks."""
+    if captioner.runtime != "litert":
+        return "TensorFlow"
+    return "LiteRT (int8 encoder)" if getattr(captioner.encoder, "int8", False) else "LiteRT"
+
+
 def model_summary(captioner: Captioner) -> str:
     """One line about the loaded model: encoder, vocabulary, training data, dev score, runtime."""
     info, bundle = captioner.bundle.info, captioner.bundle
-    runtime = {"litert": "LiteRT", "tf": "TensorFlow"}.get(captioner.runtime, captioner.runtime)
-    parts = [f"encoder **{bundle.encoder['name']}**", f"{len(bundle.vocab):,} words", f"runs on {runtime}"]
+    parts = [f"encoder **{bundle.encoder['name']}**", f"{len(bundle.vocab):,} words",
+             f"runs on {runtime_name(captioner)}"]
     if trained_on := (info.get("dataset") or {}).get("train_images"):
         parts.append(f"trained on {trained_on:,} photos")
     if (bleu4 := (info.get("best") or {}).get("val_bleu4")) is not None:
@@ -214,10 +222,13 @@ def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo],
     todo = [i for i, key in enumerate(keys) if key not in memo]
     if todo:
         bar = st.progress(0.0, text=f"Captioning {len(todo)} photo{'s' * (len(todo) > 1)}…")
+        started = time.perf_counter()
         done = caption_photos(
             captioner, [photos[i] for i in todo], options,
             lambda n, total: bar.progress(n / total, text=f"Captioned {n} of {total}…"),
         )
+        # What this machine just took, shown in the sidebar: a measured figure, not a promise.
+        st.session_state["last_timing"] = (len(todo), time.perf_counter() - started)
         memo.update(zip((keys[i] for i in todo), done))
         bar.empty()
     st.session_state["captions"] = {key: memo[key] for key in keys}  # forget photos no longer shown
@@ -305,6 +316,11 @@ def main() -> None:
         photos = photos[:MAX_SESSION_PHOTOS]
 
     results = captions_for(captioner, model_key, photos, options)
+    if timing := st.session_state.get("last_timing"):
+        count, seconds = timing
+        st.sidebar.caption(f"Last run: {count} photo{'s' * (count > 1)} in {seconds:.2f} s "
+                           f"({1000 * seconds / count:.0f} ms a photo on {runtime_name(captioner)}, "
+                           "feature cache included)")
     failed = sum(not r.ok for r in results)
     summary, csv_column, json_column = st.columns([4, 1, 1], vertical_alignment="center")
     summary.markdown(f"**{len(results) - failed} of {len(results)} photo{'s' * (len(results) > 1)} captioned**"

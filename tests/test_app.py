@@ -258,3 +258,11 @@ def test_visitors_never_see_a_stack_trace(bundle_dir):
     open_page()
     assert config.get_option("client.showErrorDetails") == "none"
     assert config.get_option("client.toolbarMode") == "viewer"
+
+
+def test_sidebar_says_what_runs_and_what_it_took(bundle_dir):
+    at = open_page()
+    assert any("runs on LiteRT" in c.value for c in at.sidebar.caption)  # the tiny bundle has LiteRT files
+    at.checkbox(key="example-chelsea").check().run()
+    [timing] = [c.value for c in at.sidebar.caption if c.value.startswith("Last run: 1 photo in ")]
+    assert " ms a photo on LiteRT" in timing
