@@ -18,6 +18,8 @@ from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from captioner.settings import setting
+
 log = logging.getLogger(__name__)
 
 Options = TypeVar("Options")
@@ -26,27 +28,23 @@ Result = TypeVar("Result")
 CaptionFn = Callable[[list, Options], Sequence[Result]]
 
 
-def _limit(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass(frozen=True)
 class ServerLimits:
     """Every limit of the server, with its default: the one place they are set (`captioner
     serve` has a flag for each, with this help)."""
 
-    max_body_bytes: int = _limit(32 * 2**20, "largest request body, counted as it arrives")
-    max_images: int = _limit(16, "most photos in one request")
+    max_body_bytes: int = setting(32 * 2**20, "largest request body, counted as it arrives")
+    max_images: int = setting(16, "most photos in one request")
     # A 24-megapixel camera's photo fits; the header is read before a pixel is decoded.
-    max_pixels: int = _limit(25_000_000, "most pixels in one photo")
-    request_timeout_s: float = _limit(30.0, "seconds to receive a request and caption it")
+    max_pixels: int = setting(25_000_000, "most pixels in one photo")
+    request_timeout_s: float = setting(30.0, "seconds to receive a request and caption it")
     # 10 ms merged 8.6 photos a pass with 16 clients on 2 busy cores, 25 ms 12.9 (a tenth less CPU per
     # photo); a lone request pays it once (docs/serve.md, "Load test").
-    batch_window_ms: float = _limit(25.0, "milliseconds to wait for other requests' photos to share a pass")
-    max_batch: int = _limit(32, "most photos in one encoder and decoder pass")
-    max_pending: int = _limit(256, "most photos waiting across requests; beyond it, 503 busy")
+    batch_window_ms: float = setting(25.0, "milliseconds to wait for other requests' photos to share a pass")
+    max_batch: int = setting(32, "most photos in one encoder and decoder pass")
+    max_pending: int = setting(256, "most photos waiting across requests; beyond it, 503 busy")
     # Uploads are rarely sent twice: a small in-memory feature cache keeps the server's memory flat.
-    cache_photos: int = _limit(256, "photos whose features stay in memory (a repeated upload is not re-encoded)")
+    cache_photos: int = setting(256, "photos whose features stay in memory (a repeated upload is not re-encoded)")
 
     def __post_init__(self) -> None:
         for name in ("max_body_bytes", "max_images", "max_pixels", "max_batch", "max_pending", "cache_photos"):

@@ -5,15 +5,12 @@ field's help) and check them before anything heavy is imported.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from captioner.settings import setting
 
 RNN_CELLS = ("lstm", "gru")
 MODEL_TYPE_NAMES = ("show-and-tell", "show-attend-tell")  # the keys of captioner.bundle.MODEL_TYPES
-
-
-def _setting(default, help: str, choices: tuple[str, ...] | None = None):
-    """A `TrainConfig` field; `help` and `choices` also make its `captioner train` flag."""
-    return field(default=default, metadata={"help": help, "choices": choices})
 
 
 @dataclass(frozen=True)
@@ -21,27 +18,27 @@ class TrainConfig:
     """Everything that decides the trained model; saved in the bundle for reproducibility.
     Presets are overrides of these defaults: `TrainConfig.preset("tiny", epochs=3)`."""
 
-    model_type: str = _setting("show-and-tell", "decoder: one pooled image vector (Show and Tell) or "
+    model_type: str = setting("show-and-tell", "decoder: one pooled image vector (Show and Tell) or "
                                "attention over the CNN's regions (Show, Attend and Tell)", MODEL_TYPE_NAMES)
-    embed_dim: int = _setting(512, "word embedding size")
-    units: int = _setting(512, "RNN units")
-    num_layers: int = _setting(1, "stacked RNN layers")
-    dropout: float = _setting(0.5, "dropout rate")
-    rnn: str = _setting("lstm", "recurrent cell (show-and-tell)", RNN_CELLS)
-    attention_dim: int = _setting(512, "attention layer size (show-attend-tell)")
-    attention_lambda: float = _setting(1.0, "weight of the doubly stochastic attention regulariser (show-attend-tell)")
-    min_count: int = _setting(5, "keep words seen at least this often")
-    max_len: int = _setting(30, "longest caption in words (training and the bundle's decoding default)")
-    epochs: int = _setting(20, "maximum epochs")
-    batch_size: int = _setting(64, "captions per step")
-    learning_rate: float = _setting(2e-3, "peak Adam learning rate")
-    warmup_epochs: float = _setting(0.5, "epochs of linear learning-rate warm-up")
-    clipnorm: float = _setting(5.0, "gradient norm clipping")
-    label_smoothing: float = _setting(0.0, "label smoothing of the loss")
-    patience: int = _setting(4, "early-stopping patience (epochs)")
-    monitor: str = _setting("bleu", "pick the best epoch by dev BLEU-4 (greedy) or dev loss", ("bleu", "loss"))
-    dev_images: int = _setting(1000, "dev images decoded for the per-epoch BLEU")
-    seed: int = _setting(0, "random seed")
+    embed_dim: int = setting(512, "word embedding size")
+    units: int = setting(512, "RNN units")
+    num_layers: int = setting(1, "stacked RNN layers")
+    dropout: float = setting(0.5, "dropout rate")
+    rnn: str = setting("lstm", "recurrent cell (show-and-tell)", RNN_CELLS)
+    attention_dim: int = setting(512, "attention layer size (show-attend-tell)")
+    attention_lambda: float = setting(1.0, "weight of the doubly stochastic attention regulariser (show-attend-tell)")
+    min_count: int = setting(5, "keep words seen at least this often")
+    max_len: int = setting(30, "longest caption in words (training and the bundle's decoding default)")
+    epochs: int = setting(20, "maximum epochs")
+    batch_size: int = setting(64, "captions per step")
+    learning_rate: float = setting(2e-3, "peak Adam learning rate")
+    warmup_epochs: float = setting(0.5, "epochs of linear learning-rate warm-up")
+    clipnorm: float = setting(5.0, "gradient norm clipping")
+    label_smoothing: float = setting(0.0, "label smoothing of the loss")
+    patience: int = setting(4, "early-stopping patience (epochs)")
+    monitor: str = setting("bleu", "pick the best epoch by dev BLEU-4 (greedy) or dev loss", ("bleu", "loss"))
+    dev_images: int = setting(1000, "dev images decoded for the per-epoch BLEU")
+    seed: int = setting(0, "random seed")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
