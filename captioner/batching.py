@@ -24,7 +24,7 @@ log = logging.getLogger(__name__)
 
 Options = TypeVar("Options")
 Result = TypeVar("Result")
-# (sources, options) -> one result per source, in order: `Captioner.caption` on a list.
+# (sources, options) -> one result per source, in order: one `Captioner.iter_captions` pass, listed.
 CaptionFn = Callable[[list, Options], Sequence[Result]]
 
 

@@ -77,12 +77,12 @@ class Captioner:
             raise BundleError(f"model was trained on encoder {expected['name']} ({expected['weights_id'][:20]}) "
                               f"but got one with {', '.join(wrong)}; captions would be nonsense")
         self.bundle, self.encoder = bundle, encoder
-        self.runtime = "tf" if step_model is None else getattr(step_model, "runtime", type(step_model).__name__)
         if step_model is None:
             from captioner.runtime_tf import TensorFlowStep
 
             step_model = TensorFlowStep(bundle.model)
         self.step_model = step_model
+        self.runtime = getattr(step_model, "runtime", type(step_model).__name__)  # "tf", "litert" or yours
         self.feature_encoder, self.grid_shape = encoder, None
         if bundle.model_type == "show-attend-tell":
             from captioner.encoder import GridEncoder
@@ -169,8 +169,8 @@ class Captioner:
                 yield CaptionResult(name, error=errors[i].reason) if i in errors else self._result(name, hyps[i])
 
     def decode_features(self, features: np.ndarray, options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
-        """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models; evaluation
-        works on cached features)."""
+        """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models) with this
+        captioner's runtime."""
         return decode(self.step_model, features, options or self.options)
 
     def _result(self, source: str, hyps: list[Hypothesis]) -> CaptionResult:

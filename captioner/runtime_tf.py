@@ -16,6 +16,8 @@ class TensorFlowStep:
     """A `StepModel` over a Keras decoder (`ShowAndTell`, `ShowAttendTell`); it reads the model's
     live weights, so it also decodes during training."""
 
+    runtime = "tf"
+
     def __init__(self, model: ShowAndTell | ShowAttendTell):
         self.model = model
         #: which state holds the last step's attention weights (attention decoders only)
