@@ -333,7 +333,8 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
         from captioner.encoder import GridEncoder
 
         encoder = GridEncoder(encoder)
-    cache = FeatureCache(encoder.describe(), _cache_dir(args), grid_shape=getattr(encoder, "grid_shape", None))
+    # Every encoder knows its map's shape; only a grid run may file its features as maps.
+    cache = FeatureCache(encoder.describe(), _cache_dir(args), grid_shape=encoder.grid_shape if args.grid else None)
     started = time.time()
     _, failures = extract_features([dataset.images[i] for i in ids], encoder, cache, args.batch_size)
     for failure in failures:

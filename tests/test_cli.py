@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from captioner.cli import build_parser
+from captioner.cli import build_parser, main
 from captioner.output import FIELDS as OUTPUT_FIELDS
 from captioner.synthetic import random_scene, render_scene
 
@@ -280,3 +280,20 @@ def test_odd_file_names_neither_stop_the_batch_nor_forge_lines(runs):
     with open(base / "odd.csv", newline="", encoding="utf-8") as f:
         names = sorted(Path(r["image"]).name for r in csv.DictReader(f))
     assert names == ["=1+1.jpg", "bad\n\x1b[31mred.jpg", "caf\\xe9.jpg", "two\nerror: lines.jpg"]
+
+
+@pytest.mark.parametrize("grid", [False, True])
+def test_extract_features_fills_the_cache_training_reads(shapes_root, tiny_encoder, tmp_path, grid):
+    from captioner.data import load_dataset
+    from captioner.encoder import GridEncoder
+    from captioner.features import FeatureCache, content_key
+
+    cache_dir = tmp_path / "cache"
+    assert main(["extract-features", "--data", str(shapes_root), "--split", "dev", "--encoder", "tiny",
+                 "--cache-dir", str(cache_dir), *(["--grid"] if grid else [])]) == 0
+    encoder = GridEncoder(tiny_encoder) if grid else tiny_encoder
+    cache = FeatureCache(tiny_encoder.describe(), cache_dir, grid_shape=encoder.grid_shape if grid else None)
+    dataset = load_dataset(shapes_root)
+    for image_id in dataset.splits["dev"]:
+        vector = cache.get(content_key(dataset.images[image_id]))
+        assert vector is not None and vector.shape == cache.shape
