@@ -89,8 +89,9 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     """A flag for every `TrainConfig` field, with its help; unset flags keep the preset's value."""
     from captioner.train_config import PRESETS, TrainConfig
 
-    p.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="'default' (the shipped Flickr8k model), 'attend' (Show, Attend and Tell on Flickr8k) or 'tiny' (quick demo)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="'default' (the shipped Flickr8k model; the default), 'attend' (Show, Attend and Tell on "
+                   "Flickr8k), 'tiny' (quick demo) or 'scst' (self-critical fine-tuning; the default with --scst)")
     g = p.add_argument_group("training settings (default: from the preset)")
     for f in dataclasses.fields(TrainConfig):
         kind = str if f.type == "str" else int if f.type == "int" else float
@@ -135,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "epoch on dev BLEU-4. Rerun the same command to resume an interrupted run.")
     _data_options(p)
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: the bundle goes to DIR/model")
+    p.add_argument("--scst", action="store_true",
+                   help="self-critical training: fine-tune a trained model (--init) on dev-selected CIDEr-D rewards")
+    p.add_argument("--init", metavar="MODEL", help="with --scst: the bundle to fine-tune (default: the default model)")
     p.add_argument("--distribute", choices=("none", "mirrored"), default="none",
                    help="'mirrored': split each batch over every GPU of this machine (tf.distribute); "
                    "default: one device (a GPU if there is one)")
@@ -259,6 +263,13 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--resume and --overwrite: choose one")
         if args.batch_size < 1:
             raise UsageError("--batch-size: must be at least 1")
+    if args.command == "train":
+        if args.init and not args.scst:
+            raise UsageError("--init: starts self-critical training; add --scst")
+        if args.init and not Path(args.init).is_dir():
+            raise UsageError(f"--init: {args.init}: no such model bundle folder")
+        if args.scst and args.distribute != "none":
+            raise UsageError("--distribute: self-critical training runs on one device")
     if getattr(args, "data", "") is None:
         args.data = paths.default_data()
         if not Path(args.data).exists():
@@ -352,10 +363,19 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if getattr(args, f.name) is not None}
-    config = TrainConfig.preset(args.preset, **overrides)
+    config = TrainConfig.preset(args.preset or ("scst" if args.scst else "default"), **overrides)
     dataset = load_dataset(args.data, args.layout, args.images)
-    bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args),
-                   strategy=make_strategy(args.distribute))
+    if args.scst:
+        from captioner.bundle import load_bundle
+        from captioner.encoder import ImageEncoder
+        from captioner.self_critical import self_critical
+
+        init = load_bundle(args.init or paths.default_model())
+        encoder = ImageEncoder(args.encoder or init.encoder["name"], args.encoder_weights)
+        bundle = self_critical(dataset, init, encoder, args.output, config, _cache_dir(args))
+    else:
+        bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args),
+                       strategy=make_strategy(args.distribute))
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k != "epoch"))

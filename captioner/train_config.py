@@ -36,9 +36,12 @@ class TrainConfig:
     clipnorm: float = setting(5.0, "gradient norm clipping")
     label_smoothing: float = setting(0.0, "label smoothing of the loss")
     patience: int = setting(4, "early-stopping patience (epochs)")
-    monitor: str = setting("bleu", "pick the best epoch by dev BLEU-4 (greedy) or dev loss", ("bleu", "loss"))
+    monitor: str = setting("bleu", "pick the best epoch by dev BLEU-4 or CIDEr-D (greedy) or dev loss",
+                           ("bleu", "cider", "loss"))
     dev_images: int = setting(1000, "dev images decoded for the per-epoch BLEU")
     seed: int = setting(0, "random seed")
+    samples: int = setting(5, "captions sampled per image in self-critical training (--scst); a step "
+                           "holds batch-size / samples images")
 
     @classmethod
     def preset(cls, name: str, **overrides) -> TrainConfig:
@@ -58,4 +61,7 @@ PRESETS: dict[str, dict] = {
     # peaked at 8-10 and early stopping ends the run once dev BLEU-4 stops rising.
     "attend": dict(model_type="show-attend-tell", units=512, attention_dim=512, dropout=0.5, epochs=15,
                    label_smoothing=0.1, attention_lambda=1.0),
+    # Self-critical fine-tuning of a trained model (`captioner train --scst`): a small constant-ish
+    # learning rate (the policy gradient is noisy), no warm-up, the best epoch by dev CIDEr-D.
+    "scst": dict(epochs=10, learning_rate=5e-5, warmup_epochs=0.0, batch_size=80, patience=3, monitor="cider"),
 }

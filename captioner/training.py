@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from captioner.bundle import Bundle, load_bundle
+from captioner.cider import corpus_cider
 from captioner.data import CaptionDataset
 from captioner.decoding import DecodeOptions, caption_texts
 from captioner.evaluation import bleu_scores
@@ -26,7 +27,7 @@ from captioner.fileio import atomic_save, atomic_write_text
 from captioner.model import MaskedCrossEntropy, ShowAndTell, ShowAttendTell
 from captioner.quiet_tensorflow import keras, tf
 from captioner.runtime_tf import TensorFlowStep
-from captioner.text import Vocabulary
+from captioner.text import Vocabulary, tokenize
 from captioner.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -57,16 +58,7 @@ def teacher_forcing_dataset(
     """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding.
     Pooled features [N, D] sit in the graph; grids [N, R, C] (a memory-mapped file for a whole
     dataset) are read a batch at a time, so they never need to fit in memory."""
-    if features.ndim == 2:
-        table = tf.constant(features)
-
-        def lookup(row):
-            return tf.gather(table, row)
-    else:
-        def lookup(row):
-            grids = tf.numpy_function(lambda r: features[r], [row], tf.as_dtype(features.dtype), stateful=False)
-            grids.set_shape([None, *features.shape[1:]])
-            return grids
+    lookup = feature_lookup(features)
     lengths = (sequences != vocab.pad_id).sum(axis=1)
     ds = tf.data.Dataset.from_tensor_slices((rows, sequences, lengths))
     if shuffle:
@@ -90,23 +82,43 @@ def teacher_forcing_dataset(
     return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
 
-class DevBleu(keras.callbacks.Callback):
-    """Greedy-decodes dev images after each epoch and logs `val_bleu1` and `val_bleu4`."""
+def feature_lookup(features: np.ndarray):
+    """rows [B] -> features [B, ...] inside a tf.data pipeline. Pooled features [N, D] sit in the
+    graph; grids [N, R, C] (a memory-mapped file for a whole dataset) are read a batch at a time."""
+    if features.ndim == 2:
+        table = tf.constant(features)
+        return lambda rows: tf.gather(table, rows)
 
-    def __init__(self, features: np.ndarray, references: list[list[str]], vocab: Vocabulary, max_len: int):
+    def lookup(rows):
+        grids = tf.numpy_function(lambda r: features[r], [rows], tf.as_dtype(features.dtype), stateful=False)
+        grids.set_shape([None, *features.shape[1:]])
+        return grids
+    return lookup
+
+
+class DevScores(keras.callbacks.Callback):
+    """Greedy-decodes dev images after each epoch and logs `val_bleu1`, `val_bleu4` and
+    `val_cider` (CIDEr-D, document frequencies from these references, as pycocoevalcap counts).
+    `decoder`: the decoder to run when the model being fit wraps it (self-critical training)."""
+
+    def __init__(self, features: np.ndarray, references: list[list[str]], vocab: Vocabulary, max_len: int,
+                 decoder=None):
         super().__init__()
-        self.features, self.references, self.vocab = features, references, vocab
+        self.features, self.references, self.vocab, self.decoder = features, references, vocab, decoder
         self.options = DecodeOptions("greedy", max_len=max_len)
 
     def on_train_begin(self, logs: dict | None = None) -> None:
-        self.step_model = TensorFlowStep(self.model)  # compiled once, reads the live weights
+        self.step_model = TensorFlowStep(self.decoder or self.model)  # compiled once, reads the live weights
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         hyps = caption_texts(self.step_model, self.vocab, self.features, self.options)
         scores = bleu_scores(self.references, hyps)
+        cider = 100.0 * corpus_cider([[tokenize(r) for r in refs] for refs in self.references],
+                                     [tokenize(h) for h in hyps])
         if logs is not None:
-            logs["val_bleu1"], logs["val_bleu4"] = scores["BLEU-1"], scores["BLEU-4"]
-        print(f" - dev BLEU-1 {scores['BLEU-1']:.1f} BLEU-4 {scores['BLEU-4']:.1f} (greedy): {hyps[0]!r}")
+            logs["val_bleu1"], logs["val_bleu4"], logs["val_cider"] = scores["BLEU-1"], scores["BLEU-4"], cider
+        print(f" - dev BLEU-1 {scores['BLEU-1']:.1f} BLEU-4 {scores['BLEU-4']:.1f} CIDEr {cider:.1f} (greedy): "
+              f"{hyps[0]!r}")
 
 
 class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
@@ -167,6 +179,104 @@ class BestBundle(keras.callbacks.Callback):
             self.make_bundle(best).save(self.path)
 
 
+def start_run(output: str | Path, seed: int) -> tuple[Path, bool]:
+    """The run folder, made if needed, and whether an interrupted run is resumed from it."""
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    resuming = (output / "backup").exists()
+    if not resuming:
+        (output / "history.csv").unlink(missing_ok=True)
+    keras.utils.set_random_seed(seed)
+    return output, resuming
+
+
+def encode_splits(dataset: CaptionDataset, encoder, model_type: str, output: Path, cache_dir: str | Path | None,
+                  verbose: int) -> dict[str, tuple[list[str], np.ndarray | None]]:
+    """(image ids, features) of the train and dev splits, through the feature cache: pooled
+    vectors, or for show-attend-tell the spatial maps (float16), gathered in a memory-mapped file
+    in the run folder (Flickr8k's train split: 750 MB) so they never need to fit in memory."""
+    attention = model_type == "show-attend-tell"
+    if attention:
+        from captioner.encoder import GridEncoder
+
+        feature_encoder = GridEncoder(encoder)
+        cache = FeatureCache(encoder.describe(), cache_dir, grid_shape=feature_encoder.grid_shape)
+    else:
+        feature_encoder, cache = encoder, FeatureCache(encoder.describe(), cache_dir)
+    out = {}
+    for what in ("train", "dev"):
+        ids = dataset.splits.get(what, [])
+        if not ids:
+            out[what] = ([], None)
+            continue
+        ids, features, failures = encode_photos(dataset.images, ids, feature_encoder, cache, progress=verbose > 0,
+                                                description=f"Encoding {what} photos",
+                                                out_path=output / f"grids-{what}.npy" if attention else None)
+        for failure in failures:
+            log.warning("skipped %s", failure)
+        out[what] = (ids, features)
+    return out
+
+
+def remove_grid_files(output: Path) -> None:
+    """The run folder's copies of the grids (the cache keeps them)."""
+    for what in ("train", "dev"):
+        (output / f"grids-{what}.npy").unlink(missing_ok=True)
+
+
+def adam(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
+    """Adam with gradient clipping, a linear warm-up and a cosine decay over the run."""
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+    schedule = keras.optimizers.schedules.CosineDecay(
+        config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps_per_epoch - warmup), alpha=0.05,
+        warmup_target=config.learning_rate, warmup_steps=warmup,
+    )
+    return keras.optimizers.Adam(schedule, clipnorm=config.clipnorm)
+
+
+def run_callbacks(output: Path, config: TrainConfig, dataset: CaptionDataset, dev: tuple[list[str], np.ndarray | None],
+                  vocab: Vocabulary, make_bundle, timer: EpochTimer, resuming: bool,
+                  decoder=None) -> list[keras.callbacks.Callback]:
+    """Backup and restore, the dev scores, the best bundle, early stopping and the history file.
+    Without dev images there is nothing to select on: the caller saves the last epoch."""
+    callbacks: list[keras.callbacks.Callback] = [
+        AtomicBackupAndRestore(str(output / "backup")),
+        keras.callbacks.TerminateOnNaN(),
+    ]
+    dev_ids, dev_features = dev
+    if dev_ids:
+        n = min(config.dev_images, len(dev_ids))
+        if config.monitor != "loss":
+            callbacks.append(DevScores(dev_features[:n], [dataset.captions[i] for i in dev_ids[:n]], vocab,
+                                       config.max_len, decoder))
+        monitor, mode = MONITORS[config.monitor]
+        callbacks += [
+            timer,  # after the dev decoding it times, before the callbacks that record `seconds`
+            BestBundle(output / "model", make_bundle, monitor, mode, resuming),
+            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
+        ]
+    else:
+        callbacks.append(timer)
+    callbacks.append(keras.callbacks.CSVLogger(str(output / "history.csv"), append=True))
+    return callbacks
+
+
+# --monitor -> (the logged figure, better when it is higher or lower)
+MONITORS = {"bleu": ("val_bleu4", "max"), "cider": ("val_cider", "max"), "loss": ("val_loss", "min")}
+
+
+def finish_run(output: Path, encoder, model_type: str) -> Bundle:
+    """Add the LiteRT files to the chosen bundle (once: converting costs seconds) and load it."""
+    remove_grid_files(output)
+    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files
+
+    if model_type in LITERT_MODEL_TYPES:
+        add_litert_files(output / "model", encoder)
+    else:
+        log.info("no LiteRT files: %s bundles run on TensorFlow", model_type)
+    return load_bundle(output / "model")
+
+
 def train(
     dataset: CaptionDataset,
     encoder,
@@ -184,37 +294,13 @@ def train(
     `config.batch_size` captions over its devices; default: the one default device.
     """
     config = config or TrainConfig()
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
-    resuming = (output / "backup").exists()
-    if not resuming:
-        (output / "history.csv").unlink(missing_ok=True)
-    keras.utils.set_random_seed(config.seed)
-
-    train_ids, dev_ids = dataset.splits.get("train", []), dataset.splits.get("dev", [])
+    output, resuming = start_run(output, config.seed)
+    train_ids = dataset.splits.get("train", [])
     if not train_ids:
         raise ValueError(f"{dataset.root}: the dataset has no training images")
     vocab = Vocabulary.build((c for i in train_ids for c in dataset.captions[i]), config.min_count)
-    attention = config.model_type == "show-attend-tell"
-    if attention:  # the decoder reads the CNN's map: cache it (float16) and keep it on disk
-        from captioner.encoder import GridEncoder
-
-        feature_encoder = GridEncoder(encoder)
-        cache = FeatureCache(encoder.describe(), cache_dir, grid_shape=feature_encoder.grid_shape)
-    else:
-        feature_encoder, cache = encoder, FeatureCache(encoder.describe(), cache_dir)
-
-    def encode(ids: list[str], what: str) -> tuple[list[str], np.ndarray]:
-        # Grids go to a file in the run folder (Flickr8k's train split: 750 MB), rebuilt from the cache.
-        ids, features, failures = encode_photos(dataset.images, ids, feature_encoder, cache, progress=verbose > 0,
-                                                description=f"Encoding {what} photos",
-                                                out_path=output / f"grids-{what}.npy" if attention else None)
-        for failure in failures:
-            log.warning("skipped %s", failure)
-        return ids, features
-
-    train_ids, train_features = encode(train_ids, "train")
-    dev_ids, dev_features = encode(dev_ids, "dev") if dev_ids else ([], None)
+    splits = encode_splits(dataset, encoder, config.model_type, output, cache_dir, verbose)
+    (train_ids, train_features), (dev_ids, dev_features) = splits["train"], splits["dev"]
     rows, seqs = caption_sequences(dataset, train_ids, vocab, config.max_len)
     train_ds = teacher_forcing_dataset(train_features, rows, seqs, vocab, config.batch_size, True, config.seed)
     steps = int(train_ds.cardinality())
@@ -225,14 +311,8 @@ def train(
     # every batch among them and sums the gradients.
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(config, len(vocab), encoder.feature_dim,
-                            train_features.shape[1] if attention else None)
-        warmup = int(config.warmup_epochs * steps)
-        schedule = keras.optimizers.schedules.CosineDecay(
-            config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps - warmup), alpha=0.05,
-            warmup_target=config.learning_rate, warmup_steps=warmup,
-        )
-        model.compile(optimizer=keras.optimizers.Adam(schedule, clipnorm=config.clipnorm),
-                      loss=MaskedCrossEntropy(config.label_smoothing))
+                            train_features.shape[1] if config.model_type == "show-attend-tell" else None)
+        model.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
         if strategy is not None:
             # Keras 3 builds a distributed model on the MEAN of the first batch's replicas, which
             # turns the word ids into floats that the embedding refuses; build it on a real-typed
@@ -247,42 +327,17 @@ def train(
         return Bundle(model, vocab, encoder.describe(), DecodeOptions(max_len=config.max_len), info)
 
     timer = EpochTimer(output / "history.csv")
-    callbacks: list[keras.callbacks.Callback] = [
-        AtomicBackupAndRestore(str(output / "backup")),
-        keras.callbacks.TerminateOnNaN(),
-    ]
     validation = None
     if dev_ids:
         dev_rows, dev_seqs = caption_sequences(dataset, dev_ids, vocab, config.max_len)
         validation = teacher_forcing_dataset(dev_features, dev_rows, dev_seqs, vocab, 256, False)
-        n = min(config.dev_images, len(dev_ids))
-        refs = [dataset.captions[i] for i in dev_ids[:n]]
-        monitor, mode = ("val_bleu4", "max") if config.monitor == "bleu" else ("val_loss", "min")
-        if config.monitor == "bleu":
-            callbacks.append(DevBleu(dev_features[:n], refs, vocab, config.max_len))
-        callbacks += [
-            timer,  # after the dev decoding it times, before the callbacks that record `seconds`
-            BestBundle(output / "model", make_bundle, monitor, mode, resuming),
-            keras.callbacks.EarlyStopping(monitor=monitor, mode=mode, patience=config.patience),
-        ]
-    else:
-        callbacks.append(timer)
-    callbacks.append(keras.callbacks.CSVLogger(str(output / "history.csv"), append=True))
+    callbacks = run_callbacks(output, config, dataset, splits["dev"], vocab, make_bundle, timer, resuming)
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to tf.data.
     model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
-    for what in ("train", "dev"):  # the grids stay in the cache; their run-folder copies go
-        (output / f"grids-{what}.npy").unlink(missing_ok=True)
-    # The LiteRT files once, for the chosen epoch (converting costs seconds: not at every best epoch).
-    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files
-
-    if config.model_type in LITERT_MODEL_TYPES:
-        add_litert_files(output / "model", encoder)
-    else:
-        log.info("no LiteRT files: %s bundles run on TensorFlow", config.model_type)
-    return load_bundle(output / "model")
+    return finish_run(output, encoder, config.model_type)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:
