@@ -395,6 +395,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     print(f"{report['split']} split, {report['images']} images, {d['method']} decoding, beam {d['beam_size']}:")
     for name, value in report["scores"].items():
         print(f"  {name:12s} {value:6.2f}")
+    c = report["captions"]
+    print(f"  {c['mean_words']:.1f} words a caption; {c['distinct']} distinct captions of {report['images']}")
     return 0
 
 

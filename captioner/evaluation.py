@@ -102,6 +102,9 @@ def evaluate(captioner, dataset, split: str = "dev", options: DecodeOptions | No
                      "length_penalty": options.length_penalty if beam else 0.0},
         "encoder": captioner.encoder.describe(),
         "scores": {k: round(v, 2) for k, v in scores.items()},
+        # What a metric hides: training on a reward can lengthen captions or make them alike.
+        "captions": {"mean_words": round(sum(len(tokenize(h)) for h in hyps) / len(hyps), 2),
+                     "distinct": len(set(hyps))},
     }
     if output is not None:
         output = Path(output)

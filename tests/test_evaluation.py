@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -45,3 +46,13 @@ def test_nltk_and_pycocoevalcap_agree():
 def test_mismatched_lengths():
     with pytest.raises(ValueError):
         bleu_scores([["a"]], [])
+
+
+def test_report_describes_the_captions_it_scored(trained_captioner, shapes, tmp_path):
+    from captioner.evaluation import evaluate
+
+    report = evaluate(trained_captioner, shapes, "dev", coco=False, output=tmp_path, progress=False)
+    hyps = [json.loads(line)["hypothesis"] for line in (tmp_path / "per_image.jsonl").read_text().splitlines()]
+    assert len(hyps) == report["images"]
+    assert report["captions"]["distinct"] == len(set(hyps)) > 1
+    assert report["captions"]["mean_words"] == round(sum(len(h.split()) for h in hyps) / len(hyps), 2) > 3
