@@ -112,9 +112,9 @@ def test_decoding_gives_each_word_its_attention(options):
     # The weights are the ones behind each word: replay the best caption one forced step at a time.
     best = together[0][0]
     assert best.ids
-    states = step.initial_state(grids[:1])
+    states, context = step.initial_state(grids[:1])
     for t, token in enumerate([Vocabulary.start_id, *best.ids][: len(best.ids)]):
-        _, states = step.step(np.array([token], np.int32), states)
+        _, states = step.step(np.array([token], np.int32), states, context, np.array([0]))
         np.testing.assert_allclose(states[step.attention_state][0], best.attention[t], atol=1e-5)
     if options.method != "sample":  # batching changes nothing (sampling draws per batch)
         for i in range(len(grids)):
@@ -122,6 +122,64 @@ def test_decoding_gives_each_word_its_attention(options):
             assert [h.ids for h in alone] == [h.ids for h in together[i]]
             for a, b in zip(alone, together[i]):
                 np.testing.assert_allclose(a.attention, b.attention, atol=1e-5)
+
+
+def test_steps_in_runs_of_beams_equal_the_teacher_forced_call():
+    """Three rows per image, each reading its image's context by index, give the logits the
+    training-time RNN gives each image alone (the images in the context in another order)."""
+    vocab = _vocab()
+    model = _model(len(vocab), regions=16, feature_dim=8)
+    grids = np.random.default_rng(2).random((4, 16, 8)).astype(np.float32)
+    tokens = np.array([[1, 5, 6, 7], [1, 8, 4, 9], [1, 6, 6, 5], [1, 7, 8, 4]], np.int32)
+    full = np.asarray(model((grids, tokens)))
+    order = np.array([2, 0, 3, 1])  # row run i reads image order[i] of the context
+    states = [np.repeat(np.asarray(s)[order], 3, axis=0) for s in model.initial_state(grids)]
+    context = model.image_context(grids)
+    for t in range(tokens.shape[1]):
+        logits, states = model.step(np.repeat(tokens[order, t], 3), states, context, order)
+        np.testing.assert_allclose(np.asarray(logits), np.repeat(full[order, t], 3, axis=0), atol=1e-5)
+
+
+class _CarriedStep:
+    """Decoding as it was before image contexts: the regions and their keys ride in every beam's
+    states (reordered with the beams), through the cell the training-time RNN runs."""
+
+    attention_state = 4
+
+    def __init__(self, model: ShowAttendTell):
+        self.model = model
+
+    def initial_state(self, grids):
+        (h, c, alpha), (keys, regions) = self.model.initial_state(grids), self.model.image_context(grids)
+        flat = [np.asarray(x).reshape(len(grids), -1) for x in (keys, regions)]
+        return [np.asarray(h), np.asarray(c), *flat, np.asarray(alpha)], None
+
+    def step(self, tokens, states, context, images):
+        x = self.model.embedding(tokens)
+        outputs, cell_states = self.model.cell(x, list(states[:4]))
+        h, read, alpha = np.split(np.asarray(outputs), [self.model.units, self.model.units + self.model.feature_dim], 1)
+        logits = np.asarray(self.model.word_logits(x, h, read), np.float64)
+        logits[:, [Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
+        log_probs = logits - np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1, keepdims=True))
+        return log_probs - logits.max(1, keepdims=True), [*map(np.asarray, cell_states), alpha]
+
+
+@pytest.mark.parametrize("options", [DecodeOptions("greedy", max_len=8), DecodeOptions("beam", 4, 8, num_results=4),
+                                     DecodeOptions("sample", max_len=8, seed=3)])
+def test_context_by_index_decodes_as_carrying_the_regions_in_every_beam(options):
+    vocab = _vocab()
+    model = _model(len(vocab), regions=16, feature_dim=8)
+    bias = model.head.bias.numpy()
+    bias[Vocabulary.end_id] = -2.0
+    model.head.bias.assign(bias)
+    grids = np.random.default_rng(4).random((6, 16, 8)).astype(np.float32)
+    new, old = decode(TensorFlowStep(model), grids, options), decode(_CarriedStep(model), grids, options)
+    assert sum(len(h.ids) for hyps in new for h in hyps) > 6  # they say words, not just <end>
+    for a, b in zip(new, old):
+        assert [h.ids for h in a] == [h.ids for h in b]
+        np.testing.assert_allclose([h.log_prob for h in a], [h.log_prob for h in b], atol=1e-4)
+        for x, y in zip(a, b):
+            np.testing.assert_allclose(x.attention, y.attention, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------
