@@ -62,9 +62,9 @@ def litert_step(model, directory: Path):
     from captioner.export_litert import decoder_tflite
     from captioner.fileio import atomic_write_bytes
     from captioner.runtime_litert import LiteRTStep
-    from captioner.text import Vocabulary
+    from captioner.text import SPECIAL_TOKENS, Vocabulary
 
-    vocab = Vocabulary([f"w{i}" for i in range(VOCAB - 4)])
+    vocab = Vocabulary([*SPECIAL_TOKENS, *(f"w{i}" for i in range(VOCAB - len(SPECIAL_TOKENS)))])
     identity = {"name": "efficientnet-lite0", "weights_id": "random", "image_size": 224, "feature_dim": CHANNELS}
     bundle = Bundle(model, vocab, identity)
     bundle.save(directory)

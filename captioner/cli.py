@@ -330,7 +330,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
     encoder = _encoder(args)
     if args.grid:
-        from captioner.encoder import GridEncoder
+        from captioner.features import GridEncoder
 
         encoder = GridEncoder(encoder)
     cache = FeatureCache(encoder.describe(), _cache_dir(args), grid_shape=getattr(encoder, "grid_shape", None))

@@ -197,7 +197,7 @@ def train(
     vocab = Vocabulary.build((c for i in train_ids for c in dataset.captions[i]), config.min_count)
     attention = config.model_type == "show-attend-tell"
     if attention:  # the decoder reads the CNN's map: cache it (float16) and keep it on disk
-        from captioner.encoder import GridEncoder
+        from captioner.features import GridEncoder
 
         feature_encoder = GridEncoder(encoder)
         cache = FeatureCache(encoder.describe(), cache_dir, grid_shape=feature_encoder.grid_shape)
@@ -276,12 +276,9 @@ def train(
     for what in ("train", "dev"):  # the grids stay in the cache; their run-folder copies go
         (output / f"grids-{what}.npy").unlink(missing_ok=True)
     # The LiteRT files once, for the chosen epoch (converting costs seconds: not at every best epoch).
-    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files
+    from captioner.export_litert import add_litert_files
 
-    if config.model_type in LITERT_MODEL_TYPES:
-        add_litert_files(output / "model", encoder)
-    else:
-        log.info("no LiteRT files: %s bundles run on TensorFlow", config.model_type)
+    add_litert_files(output / "model", encoder)
     return load_bundle(output / "model")
 
 
