@@ -11,7 +11,7 @@ import numpy as np
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
-from captioner.features import FeatureCache, iter_features
+from captioner.features import FeatureCache, GridEncoder, iter_features
 from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
 
 RUNTIMES = ("auto", "litert", "litert-float", "tf")
@@ -85,8 +85,6 @@ class Captioner:
         self.runtime = getattr(step_model, "runtime", type(step_model).__name__)  # "tf", "litert" or yours
         self.feature_encoder, self.grid_shape = encoder, None
         if bundle.model_type == "show-attend-tell":
-            from captioner.encoder import GridEncoder
-
             if getattr(encoder, "grid_shape", None) is None:
                 raise BundleError(f"{bundle.model_type} needs the encoder's spatial map, which "
                                   f"{type(encoder).__name__} does not give (use the TensorFlow runtime)")
@@ -119,9 +117,7 @@ class Captioner:
             bundle = load_bundle(directory, load_decoder=False)
             usable = bool(bundle.litert) and runtime_litert.available() and encoder_weights == "default"
             if runtime.startswith("litert") and not usable:
-                # Attention bundles get no LiteRT files ("auto" runs them on TensorFlow).
-                why = (f"{bundle.model_type} models run on TensorFlow only" if bundle.model_type != "show-and-tell"
-                       else "the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
+                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
                        else "ai-edge-litert is not installed" if not runtime_litert.available()
                        else "other encoder weights need the TensorFlow runtime")
                 raise BundleError(f"{directory}: cannot run on LiteRT: {why}")

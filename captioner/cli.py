@@ -341,7 +341,7 @@ def cmd_extract_features(args: argparse.Namespace) -> int:
     ids = sorted(dataset.images) if args.split == "all" else dataset.subset(args.split).splits[args.split]
     encoder = _encoder(args)
     if args.grid:
-        from captioner.encoder import GridEncoder
+        from captioner.features import GridEncoder
 
         encoder = GridEncoder(encoder)
     # Every encoder knows its map's shape; only a grid run may file its features as maps.

@@ -5,14 +5,16 @@ next-word log-probabilities + states) and is plain NumPy around it, so every run
 run those two functions decodes the same way. Each step is one call for all images and all
 beams at once. `DecodeOptions` is the one source of decoding defaults.
 
-An attention decoder keeps its last attention weights among its states (`attention_state`
-names which); the search carries them with their beams like any state and gives each
-hypothesis the weights behind each of its words.
+What a decoder reads of each image at every word (an attention decoder's regions and their
+keys) is its image context: computed once, kept by the runtime, and read by image index, so
+beam search reorders only the small per-beam states. An attention decoder also keeps its last
+attention weights among its states (`attention_state` names which); the search carries them
+with their beams and gives each hypothesis the weights behind each of its words.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, fields
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -95,11 +97,15 @@ class StepModel(Protocol):
     also has `attention_state`: the index of the state holding the weights [B, R] that `step`
     used for the log-probabilities it returns (absent or None: no attention)."""
 
-    def initial_state(self, features: np.ndarray) -> list[np.ndarray]:
-        """Decoder states for image features [N, D] (or grids [N, R, C] for attention decoders)."""
+    def initial_state(self, features: np.ndarray) -> tuple[list[np.ndarray], Any]:
+        """Decoder states [N, ...] for image features [N, D] (or grids [N, R, C] for attention
+        decoders), and the images' context: opaque to decoding, handed back to every `step`."""
 
-    def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        """Next-word log-probabilities [B, V] (never `<pad>`, `<start>`, `<unk>`) and the new states."""
+    def step(self, tokens: np.ndarray, states: list[np.ndarray], context: Any,
+             images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Next-word log-probabilities [B, V] (never `<pad>`, `<start>`, `<unk>`) and the new states.
+        Rows come in runs of equal length, one per entry of `images` [M] (B = M * k): rows
+        i*k .. i*k+k-1 read image `images[i]` of the context."""
 
 
 def decode(model: StepModel, features: np.ndarray, options: DecodeOptions = DecodeOptions(),
@@ -130,7 +136,8 @@ def _attention(model: StepModel, states: list[np.ndarray]) -> np.ndarray | None:
 
 def _beam_search(model: StepModel, features: np.ndarray, k: int, options: DecodeOptions) -> list[list[Hypothesis]]:
     n, end = len(features), Vocabulary.end_id
-    states = [np.repeat(s, k, axis=0) for s in model.initial_state(features)]
+    states, context = model.initial_state(features)
+    states = [np.repeat(s, k, axis=0) for s in states]
     attends = _attention(model, states) is not None
     # Per beam, the weights behind each word so far [n*k, t, R], reordered with the beams.
     seen = np.zeros((n * k, 0, states[model.attention_state].shape[1] if attends else 0), np.float32)
@@ -143,7 +150,7 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
     # whose search is over leaves the arrays, so it costs no further steps.
     alive = np.arange(n)
     for t in range(options.max_len + 1):
-        log_probs, states = model.step(tokens, states)
+        log_probs, states = model.step(tokens, states, context, alive)
         vocab_size = log_probs.shape[1]
         if t == options.max_len:  # out of room: the caption is cut here, at no cost
             log_probs = np.full_like(log_probs, -np.inf)
@@ -186,14 +193,15 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
 def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> list[Hypothesis]:
     rng = np.random.default_rng(options.seed)
     n, end = len(features), Vocabulary.end_id
-    states = model.initial_state(features)
+    states, context = model.initial_state(features)
     attends = _attention(model, states) is not None
     weights = []  # the attention behind each step's word [n, R]
     tokens = np.full(n, Vocabulary.start_id, np.int32)
     ids = np.zeros((n, 0), np.int32)
     log_prob, alive = np.zeros(n), np.ones(n, bool)
+    images = np.arange(n)  # every image keeps its row, finished or not
     for _ in range(options.max_len):
-        log_probs, states = model.step(tokens, states)
+        log_probs, states = model.step(tokens, states, context, images)
         if attends:
             weights.append(_attention(model, states))
         # softmax(log_softmax(z) / T) == softmax(z / T): temperature needs no second model call

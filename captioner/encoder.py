@@ -1,5 +1,5 @@
 """The image encoder: a frozen ImageNet CNN mapping RGB images to pooled feature vectors
-and, for attention decoders, to the spatial map they are pooled from (`GridEncoder`).
+and, for attention decoders, to the spatial map they are pooled from (`encode`).
 
 It builds a network from `captioner.networks`, loads its weights and records their identity
 (a bundle stores it, so a decoder is never fed another encoder's features). The default
@@ -155,7 +155,8 @@ class ImageEncoder:
         if pooling and pooling[-1].output is pooled:
             grid = pooling[-1].input
             self.grid_shape = (int(grid.shape[1]), int(grid.shape[2]))
-            self._both = keras.Model(network.input, [pooled, grid], name=f"{network.name}_grid")
+            #: backbone -> (pooled features, the map [N, H, W, C]); shares layers with `network`
+            self.grid_model = keras.Model(network.input, [pooled, grid], name=f"{network.name}_grid")
         self.model.trainable = self.network.trainable = False
         #: the network's own preprocessing: float32 RGB 0..255 -> model input
         self.preprocess = spec.preprocess()
@@ -176,7 +177,7 @@ class ImageEncoder:
         return self.network(self.preprocess(images), training=False)
 
     def _pooled_and_grid(self, images: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
-        pooled, grid = self._both(self.preprocess(images), training=False)
+        pooled, grid = self.grid_model(self.preprocess(images), training=False)
         return pooled, tf.reshape(grid, [tf.shape(grid)[0], -1, grid.shape[-1]])
 
     def _batch(self, images) -> np.ndarray:
@@ -227,23 +228,3 @@ class ImageEncoder:
             "image_size": self.image_size,
             "feature_dim": self.feature_dim,
         }
-
-
-class GridEncoder:
-    """An `ImageEncoder` seen as giving each photo's spatial map, float16 [H*W, C]: what an
-    attention decoder reads. It has the encoder's identity (the map comes from the same weights),
-    so `iter_features` and a grid `FeatureCache` use it like the encoder itself."""
-
-    def __init__(self, encoder: ImageEncoder):
-        if encoder.grid_shape is None:
-            raise EncoderError(f"encoder {encoder.name} gives no spatial map (it does not end in average pooling)")
-        self.encoder, self.name, self.image_size = encoder, encoder.name, encoder.image_size
-        self.grid_shape = encoder.grid_shape
-        self.feature_shape = (self.grid_shape[0] * self.grid_shape[1], encoder.feature_dim)
-
-    def __call__(self, images) -> np.ndarray:
-        # float16 holds these activations (ReLU6 for the Lite encoders) to 3 digits at half the bytes.
-        return self.encoder.encode(images)[1].astype(np.float16)
-
-    def describe(self) -> dict[str, str | int]:
-        return self.encoder.describe()

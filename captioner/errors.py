@@ -1,5 +1,9 @@
-"""One-line error messages."""
+"""One-line error messages, and the errors that modules without TensorFlow raise too."""
 from __future__ import annotations
+
+
+class EncoderError(ValueError):
+    """A user-facing problem with an encoder name, its weights or its input."""
 
 
 def first_line(error: BaseException) -> str:

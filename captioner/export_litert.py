@@ -1,10 +1,17 @@
 """Export a bundle's networks for the LiteRT runtime: `encoder.tflite` and `decoder.tflite`.
 
     encoder.tflite  signature "features": images [N, S, S, 3] float32 0..255 -> features [N, D]
-                    (the network's own preprocessing included)
+                    (the network's own preprocessing included); for an attention bundle also
+                    grid [N, H, W, D], the map the features are pooled from, from the same pass
     decoder.tflite  signature "init": features [N, D] -> state_0..state_k [N, units]
                     signature "step": tokens [N] int32, state_0..state_k -> log_probs [N, V], state_0..
                     (log-softmax with <pad>, <start>, <unk> never chosen, as the TF runtime does)
+                    An attention decoder's (Show, Attend and Tell):
+                    "init": grids [N, R, D] -> state_0, state_1 (h, c) [N, units], state_2 (attention)
+                            [N, R], keys [N, R, A]
+                    "step": tokens [B], images [M] int32, keys [N, R, A], regions [N, R, D] (the grids),
+                            state_0..2 -> log_probs [B, V], state_0..2; rows come in M runs of B / M,
+                            run i reading image images[i] of keys and regions (see `ShowAttendTell.step`)
 
 The batch dimension is free, so one file serves any number of images and beams. Conversion
 goes through Keras's `ExportArchive` (a SavedModel) and TensorFlow's LiteRT converter with
@@ -21,12 +28,10 @@ import numpy as np
 
 from captioner.encoder import ImageEncoder
 from captioner.fileio import atomic_write_bytes
+from captioner.model import ShowAttendTell
 from captioner.native_logs import filtered_stderr
 from captioner.quiet_tensorflow import keras, tf
 from captioner.text import Vocabulary
-
-# The model types whose decoder this module exports; others run on TensorFlow only.
-LITERT_MODEL_TYPES = ("show-and-tell",)
 
 
 def _convert(track, endpoints: dict, calibration=None) -> bytes:
@@ -53,34 +58,52 @@ def decoder_tflite(model) -> bytes:
     """The decoder's `init` and `step` as one LiteRT model."""
     banned = np.zeros(model.vocab_size, np.float32)
     banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
-    n_states = model.num_layers * model.states_per_layer
-    state_specs = [tf.TensorSpec([None, model.units], tf.float32, name=f"state_{i}") for i in range(n_states)]
+    attends = isinstance(model, ShowAttendTell)
+    if attends:
+        r, d = model.regions, model.feature_dim
+        widths = [model.units, model.units, r]
+        features = tf.TensorSpec([None, r, d], tf.float32, name="grids")
+        context = [tf.TensorSpec([None], tf.int32, name="images"),
+                   tf.TensorSpec([None, r, model.attention_dim], tf.float32, name="keys"),
+                   tf.TensorSpec([None, r, d], tf.float32, name="regions")]
+    else:
+        widths = [model.units] * (model.num_layers * model.states_per_layer)
+        features, context = tf.TensorSpec([None, model.feature_dim], tf.float32, name="features"), []
+    state_specs = [tf.TensorSpec([None, w], tf.float32, name=f"state_{i}") for i, w in enumerate(widths)]
 
     def init(features):
-        return {f"state_{i}": s for i, s in enumerate(model.initial_state(features))}
+        out = {f"state_{i}": s for i, s in enumerate(model.initial_state(features))}
+        if attends:  # the regions are the grids themselves: the runtime keeps its own
+            out["keys"] = model.image_context(features)[0]
+        return out
 
-    def step(tokens, *states):
-        logits, states = model.step(tokens, list(states))
+    def step(tokens, *inputs):  # inputs: images, keys, regions (attention decoders only), then the states
+        reads, states = inputs[: len(context)], list(inputs[len(context) :])
+        logits, states = model.step(tokens, states, reads[1:], reads[0] if reads else None)
         return {"log_probs": tf.nn.log_softmax(logits + banned), **{f"state_{i}": s for i, s in enumerate(states)}}
 
     return _convert(model, {
-        "init": (init, [tf.TensorSpec([None, model.feature_dim], tf.float32, name="features")]),
-        "step": (step, [tf.TensorSpec([None], tf.int32, name="tokens"), *state_specs]),
+        "init": (init, [features]),
+        "step": (step, [tf.TensorSpec([None], tf.int32, name="tokens"), *context, *state_specs]),
     })
 
 
-def encoder_tflite(encoder, calibration_images: np.ndarray | None = None) -> bytes:
-    """The encoder's preprocessing and network as one LiteRT model; int8-quantised when given
-    photos to calibrate on ([N, S, S, 3], 0..255: training photos, never evaluation ones)."""
+def encoder_tflite(encoder, calibration_images: np.ndarray | None = None, grid: bool = False) -> bytes:
+    """The encoder's preprocessing and network as one LiteRT model, with the spatial map too if
+    `grid`; int8-quantised when given photos to calibrate on ([N, S, S, 3], 0..255: training
+    photos, never evaluation ones)."""
     size = encoder.image_size
     def calibration():
         for image in calibration_images:
             yield {"images": image[None].astype(np.float32)}
 
     def features(images):
+        if grid:
+            pooled, spatial = encoder.grid_model(encoder.preprocess(images), training=False)
+            return {"features": pooled, "grid": spatial}
         return {"features": encoder.model(encoder.preprocess(images), training=False)}
 
-    return _convert(encoder.model, {
+    return _convert(encoder.grid_model if grid else encoder.model, {
         "features": (features, [tf.TensorSpec([None, size, size, 3], tf.float32, name="images")]),
     }, None if calibration_images is None else calibration)
 
@@ -100,9 +123,10 @@ def calibration_photos(dataset, image_size: int, count: int = 200, seed: int = 0
 def export_litert(model, encoder, directory: Path, calibration_images: np.ndarray | None = None) -> dict[str, str]:
     """Write `encoder.tflite` and `decoder.tflite` into `directory` (and `encoder.int8.tflite`, given
     training photos to calibrate on); their SHA-256 by file name."""
-    files = [("encoder.tflite", encoder_tflite(encoder)), ("decoder.tflite", decoder_tflite(model))]
+    grid = isinstance(model, ShowAttendTell)
+    files = [("encoder.tflite", encoder_tflite(encoder, grid=grid)), ("decoder.tflite", decoder_tflite(model))]
     if calibration_images is not None:
-        files.append(("encoder.int8.tflite", encoder_tflite(encoder, calibration_images)))
+        files.append(("encoder.int8.tflite", encoder_tflite(encoder, calibration_images, grid)))
     hashes = {}
     for name, data in files:
         atomic_write_bytes(directory / name, data)
@@ -119,9 +143,6 @@ def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "defa
     from captioner.bundle import BundleError, load_bundle, write_config
 
     bundle = load_bundle(bundle_dir)
-    if bundle.model_type not in LITERT_MODEL_TYPES:
-        raise BundleError(f"{bundle_dir}: {bundle.model_type} bundles have no LiteRT export yet; "
-                          "they run on TensorFlow")
     if isinstance(encoder, str):
         encoder = ImageEncoder(bundle.encoder["name"], encoder)
     if encoder.describe() != bundle.encoder:

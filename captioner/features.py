@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from captioner.errors import EncoderError
 from captioner.fileio import atomic_save, sha256_file
 from captioner.images import LOADER_VERSION, MAX_PIXELS, ImageError, ImageSource, describe_source, load_image
 
@@ -41,6 +42,27 @@ def content_key(source: ImageSource) -> str:
     else:  # OSError (including "not a regular file") is reported by the caller as an ImageError
         return sha256_file(source)[:40]
     return h.hexdigest()[:40]
+
+
+class GridEncoder:
+    """An encoder (`ImageEncoder`, `LiteRTEncoder`) seen as giving each photo's spatial map,
+    float16 [H*W, C]: what an attention decoder reads. It has the encoder's identity (the map
+    comes from the same weights), so `iter_features` and a grid `FeatureCache` use it like the
+    encoder itself."""
+
+    def __init__(self, encoder):
+        if getattr(encoder, "grid_shape", None) is None:
+            raise EncoderError(f"encoder {encoder.name} gives no spatial map (it does not end in average pooling)")
+        self.encoder, self.name, self.image_size = encoder, encoder.name, encoder.image_size
+        self.grid_shape = encoder.grid_shape
+        self.feature_shape = (self.grid_shape[0] * self.grid_shape[1], encoder.feature_dim)
+
+    def __call__(self, images) -> np.ndarray:
+        # float16 holds these activations (ReLU6 for the Lite encoders) to 3 digits at half the bytes.
+        return self.encoder.encode(images)[1].astype(np.float16)
+
+    def describe(self) -> dict[str, str | int]:
+        return self.encoder.describe()
 
 
 def feature_shape(encoder) -> tuple[int, ...]:

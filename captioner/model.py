@@ -82,8 +82,14 @@ class ShowAndTell(keras.Model):
             x = self.dropout(x, training=training)
         return self.head(x)
 
-    def step(self, tokens, states: list) -> tuple:
-        """One decoding step for a batch: token ids [B] and states -> (logits [B, V], new states)."""
+    def image_context(self, features) -> list:
+        """What the decoder reads of each image at every word: nothing (the feature only sets the
+        first state). Here for the decoding interface `ShowAttendTell` defines."""
+        return []
+
+    def step(self, tokens, states: list, context=(), images=None) -> tuple:
+        """One decoding step for a batch: token ids [B] and states -> (logits [B, V], new states).
+        (`context` and `images` are the attention decoder's; this one has no context.)"""
         x = ops.take(self.embedding.embeddings, tokens, axis=0)
         new_states = []
         for i, rnn in enumerate(self.rnns):
@@ -110,9 +116,10 @@ class AttentionLSTMCell(layers.Layer):
     from h_{t-1} (Bahdanau: w . tanh(keys + W h)), gates their weighted average with a scalar
     sigmoid(f(h)), and feeds [word embedding, context] to an LSTM cell.
 
-    States: h, c, the projected regions (keys) and the regions, the last two flattened because
-    `keras.layers.RNN` takes only [batch, size] states; they ride through the loop unchanged.
-    Output: [h_t, context, attention weights] concatenated.
+    As a `keras.layers.RNN` cell (training), its states are h, c, the projected regions (keys)
+    and the regions, the last two flattened because the RNN takes only [batch, size] states;
+    they ride through the loop unchanged. Output: [h_t, context, attention weights] concatenated.
+    Decoding calls `advance` instead, with each image's keys and regions given once for all its beams.
     """
 
     def __init__(self, units: int, regions: int, feature_dim: int, attention_dim: int, **kwargs):
@@ -134,13 +141,21 @@ class AttentionLSTMCell(layers.Layer):
 
     def call(self, inputs, states, training: bool = False):
         h, c, keys, grid = states
-        keys = ops.reshape(keys, (-1, self.regions, self.attention_dim))
-        grid = ops.reshape(grid, (-1, self.regions, self.feature_dim))
-        scores = ops.squeeze(self.score(ops.tanh(keys + ops.expand_dims(self.query(h), 1))), -1)
-        alpha = ops.softmax(scores, axis=-1)  # [B, regions]
-        context = self.gate(h) * ops.squeeze(ops.matmul(ops.expand_dims(alpha, 1), grid), 1)
-        _, (h, c) = self.lstm(ops.concatenate([inputs, context], -1), [h, c], training=training)
+        h, c, context, alpha = self.advance(inputs, h, c, ops.reshape(keys, (-1, self.regions, self.attention_dim)),
+                                            ops.reshape(grid, (-1, self.regions, self.feature_dim)), training)
         return ops.concatenate([h, context, alpha], -1), [h, c, states[2], states[3]]
+
+    def advance(self, inputs, h, c, keys, grid, training: bool = False) -> tuple:
+        """One word for B rows that come in M runs of k, run i reading image i: inputs [B, E],
+        h and c [B, units], keys [M, R, attention_dim], grid [M, R, C] -> new h, c, the context
+        [B, C] and the weights [B, R] it was read with. (Training: k = 1; beam search: k beams.)"""
+        runs = ops.shape(keys)[0]
+        queries = ops.expand_dims(self.query(ops.reshape(h, (runs, -1, self.units))), 2)  # [M, k, 1, A]
+        scores = ops.squeeze(self.score(ops.tanh(ops.expand_dims(keys, 1) + queries)), -1)  # [M, k, R]
+        alpha = ops.softmax(scores, axis=-1)
+        context = self.gate(h) * ops.reshape(ops.matmul(alpha, grid), (-1, self.feature_dim))
+        _, (h, c) = self.lstm(ops.concatenate([inputs, context], -1), [h, c], training=training)
+        return h, c, context, ops.reshape(alpha, (-1, self.regions))
 
     def get_config(self) -> dict:
         return {**super().get_config(), "units": self.units, "regions": self.regions,
@@ -152,15 +167,18 @@ class ShowAttendTell(keras.Model):
     """Regions [R, C] of the image's CNN map -> mean -> Dense -> initial (h, c); at each word, soft
     attention over the regions feeds the LSTM; next-word logits from embedding + h + context
     (the paper's deep output). Same interface as `ShowAndTell`, on grids [B, R, C] instead of
-    vectors: `call((grids, tokens))` for teacher forcing, `initial_state` and `step` to decode.
+    vectors: `call((grids, tokens))` for teacher forcing, `initial_state`, `image_context` and
+    `step` to decode.
 
-    The decoding states are [h, c, keys, regions, attention]: `attention_state` indexes the last
-    step's weights over the regions [B, R], so beam search carries them with their beams. In
-    training, the doubly stochastic regulariser `attention_lambda * sum_regions (1 - sum_t alpha)^2`
-    (per caption, scaled like the loss: per real token) is added as a model loss.
+    Decoding carries the states [h, c, attention] per beam (`attention_state` indexes the last
+    step's weights over the regions [B, R], so beam search keeps them with their beams) and
+    reads each image's regions and their keys (`image_context`, computed once) by image index,
+    so beams never copy them. In training, the doubly stochastic regulariser
+    `attention_lambda * sum_regions (1 - sum_t alpha)^2` (per caption, scaled like the loss: per
+    real token) is added as a model loss.
     """
 
-    attention_state = 4
+    attention_state = 2
 
     def __init__(
         self,
@@ -202,37 +220,44 @@ class ShowAttendTell(keras.Model):
         self.built = True
 
     def initial_state(self, grids, training: bool = False) -> list:
-        """[h0, c0, keys, regions, attention] for grids [B, R, C] (float16 or float32)."""
-        grids = ops.cast(grids, "float32")
-        x = self.feature_dropout(ops.mean(grids, axis=1), training=training)
-        batch = ops.shape(grids)[0]
-        return [self.init_h(x), self.init_c(x), ops.reshape(self.keys(grids), (batch, -1)),
-                ops.reshape(grids, (batch, -1)), ops.zeros((batch, self.regions))]
+        """[h0, c0, attention] for grids [B, R, C] (float16 or float32); no attention yet: zeros."""
+        x = self.feature_dropout(ops.mean(ops.cast(grids, "float32"), axis=1), training=training)
+        return [self.init_h(x), self.init_c(x), ops.zeros((ops.shape(grids)[0], self.regions))]
 
-    def _logits(self, embedded, outputs, training: bool):
-        """Split the cell's outputs and read the next word from embedding + h + context."""
-        h, context, alpha = ops.split(outputs, [self.units, self.units + self.feature_dim], axis=-1)
-        x = self.dropout(embedded + self.out_h(h) + self.out_context(context), training=training)
-        return self.head(x), alpha
+    def image_context(self, grids) -> list:
+        """What every step reads of each image: its projected regions (keys) [B, R, attention_dim]
+        and its regions [B, R, C], float32."""
+        grids = ops.cast(grids, "float32")
+        return [self.keys(grids), grids]
+
+    def word_logits(self, embedded, h, context, training: bool = False):
+        """Next-word logits from the word's embedding, the new h and the context (the deep output)."""
+        return self.head(self.dropout(embedded + self.out_h(h) + self.out_context(context), training=training))
 
     def call(self, inputs, training: bool = False):
         grids, tokens = inputs
-        states = self.initial_state(grids, training=training)
+        h, c, _ = self.initial_state(grids, training=training)
+        keys, regions = self.image_context(grids)
+        batch = ops.shape(grids)[0]
         x = ops.take(self.embedding.embeddings, tokens, axis=0)
         # No mask for the RNN, as in ShowAndTell: padding comes last and the loss ignores it.
-        logits, alpha = self._logits(x, self.rnn(x, initial_state=states[:4], training=training), training)
+        outputs = self.rnn(x, initial_state=[h, c, ops.reshape(keys, (batch, -1)), ops.reshape(regions, (batch, -1))],
+                           training=training)
+        h, context, alpha = ops.split(outputs, [self.units, self.units + self.feature_dim], axis=-1)
         real = ops.cast(ops.not_equal(tokens, 0), alpha.dtype)
         coverage = ops.sum(alpha * ops.expand_dims(real, -1), axis=1)  # [B, R]: attention each region got
         self.add_loss(self.attention_lambda * ops.sum(ops.square(1.0 - coverage)) / ops.maximum(ops.sum(real), 1.0))
-        return logits
+        return self.word_logits(x, h, context, training)
 
-    def step(self, tokens, states: list) -> tuple:
-        """One decoding step: token ids [B] and states -> (logits [B, V], new states, the last one
-        the attention weights [B, R] behind these logits)."""
+    def step(self, tokens, states: list, context: list, images) -> tuple:
+        """One decoding step: token ids [B], states [h, c, attention] [B, ...], the `image_context`
+        of N images and which image each run of rows reads, `images` [M] (B = M * k: rows
+        i*k .. i*k+k-1 read image images[i]) -> (logits [B, V], new states, the last one the
+        attention weights [B, R] behind these logits)."""
+        keys, regions = (ops.take(part, images, axis=0) for part in context)
         x = ops.take(self.embedding.embeddings, tokens, axis=0)
-        outputs, cell_states = self.cell(x, list(states[:4]))
-        logits, alpha = self._logits(x, outputs, training=False)
-        return logits, [*cell_states, alpha]
+        h, c, read, alpha = self.cell.advance(x, states[0], states[1], keys, regions)
+        return self.word_logits(x, h, read), [h, c, alpha]
 
     def get_config(self) -> dict:
         return {

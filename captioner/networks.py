@@ -15,16 +15,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from captioner.errors import EncoderError
 from captioner.quiet_tensorflow import keras, tf
 
 layers = keras.layers
 
 DEFAULT_ENCODER = "efficientnet-lite0"
 HEAD_LAYER = "predictions"  # the 1000-class ImageNet softmax, where a network has one
-
-
-class EncoderError(ValueError):
-    """A user-facing problem with an encoder name, its weights or its input."""
 
 
 # ---------------------------------------------------------------------------

@@ -28,19 +28,24 @@ class TensorFlowStep:
         banned = tf.constant(banned)
         # Lambdas, not bound methods: TF counts traces per function code, and several decoders in
         # one process would otherwise set off its "frequent retracing" warning.
-        self._init = tf.function(lambda f: model.initial_state(f), reduce_retracing=True)
+        self._init = tf.function(lambda f: (model.initial_state(f), model.image_context(f)), reduce_retracing=True)
         self._step = tf.function(
-            lambda tokens, states: _log_softmax_step(model, tokens, states, banned), reduce_retracing=True
+            lambda tokens, states, context, images: _log_softmax_step(model, tokens, states, context, images, banned),
+            reduce_retracing=True,
         )
 
-    def initial_state(self, features: np.ndarray) -> list[np.ndarray]:
-        return [s.numpy() for s in self._init(tf.constant(features, tf.float32))]
+    def initial_state(self, features: np.ndarray) -> tuple[list[np.ndarray], list[tf.Tensor]]:
+        states, context = self._init(tf.constant(features, tf.float32))
+        # The context stays a TensorFlow tensor: every step reads it in place, never converted.
+        return [s.numpy() for s in states], context
 
-    def step(self, tokens: np.ndarray, states: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
-        log_probs, states = self._step(tf.constant(tokens, tf.int32), [tf.constant(s) for s in states])
+    def step(self, tokens: np.ndarray, states: list[np.ndarray], context: list[tf.Tensor],
+             images: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        log_probs, states = self._step(tf.constant(tokens, tf.int32), [tf.constant(s) for s in states], context,
+                                       tf.constant(images, tf.int32))
         return log_probs.numpy(), [s.numpy() for s in states]
 
 
-def _log_softmax_step(model: ShowAndTell | ShowAttendTell, tokens, states, banned):
-    logits, states = model.step(tokens, states)
+def _log_softmax_step(model: ShowAndTell | ShowAttendTell, tokens, states, context, images, banned):
+    logits, states = model.step(tokens, states, context, images)
     return tf.nn.log_softmax(logits + banned), states

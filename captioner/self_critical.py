@@ -54,13 +54,14 @@ class SelfCritical(keras.Model):
 
     def sample(self, features):
         """Captions drawn from the decoder: token ids [N, max_len], `<pad>` after `<end>`."""
-        states = self.decoder.initial_state(features)
+        states, context = self.decoder.initial_state(features), self.decoder.image_context(features)
         n = tf.shape(features)[0]
+        images = tf.range(n)  # row i reads image i (an attention decoder's regions)
         tokens = tf.fill([n], Vocabulary.start_id)
         alive = tf.ones([n], tf.bool)
         out = []
         for _ in range(self.max_len):  # unrolled: a fixed, short loop compiles into one graph
-            logits, states = self.decoder.step(tokens, states)
+            logits, states = self.decoder.step(tokens, states, context, images)
             tokens = tf.random.categorical(logits + self.banned, 1, dtype=tf.int32)[:, 0]
             tokens = tf.where(alive, tokens, Vocabulary.pad_id)
             out.append(tokens)
@@ -151,4 +152,4 @@ def self_critical(
     model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
     if not splits["dev"][0]:
         make_bundle({"epoch": config.epochs}).save(output / "model")
-    return finish_run(output, encoder, init.model_type)
+    return finish_run(output, encoder)

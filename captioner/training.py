@@ -197,7 +197,7 @@ def encode_splits(dataset: CaptionDataset, encoder, model_type: str, output: Pat
     in the run folder (Flickr8k's train split: 750 MB) so they never need to fit in memory."""
     attention = model_type == "show-attend-tell"
     if attention:
-        from captioner.encoder import GridEncoder
+        from captioner.features import GridEncoder
 
         feature_encoder = GridEncoder(encoder)
         cache = FeatureCache(encoder.describe(), cache_dir, grid_shape=feature_encoder.grid_shape)
@@ -265,15 +265,12 @@ def run_callbacks(output: Path, config: TrainConfig, dataset: CaptionDataset, de
 MONITORS = {"bleu": ("val_bleu4", "max"), "cider": ("val_cider", "max"), "loss": ("val_loss", "min")}
 
 
-def finish_run(output: Path, encoder, model_type: str) -> Bundle:
+def finish_run(output: Path, encoder) -> Bundle:
     """Add the LiteRT files to the chosen bundle (once: converting costs seconds) and load it."""
     remove_grid_files(output)
-    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files
+    from captioner.export_litert import add_litert_files
 
-    if model_type in LITERT_MODEL_TYPES:
-        add_litert_files(output / "model", encoder)
-    else:
-        log.info("no LiteRT files: %s bundles run on TensorFlow", model_type)
+    add_litert_files(output / "model", encoder)
     return load_bundle(output / "model")
 
 
@@ -337,7 +334,7 @@ def train(
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
-    return finish_run(output, encoder, config.model_type)
+    return finish_run(output, encoder)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:

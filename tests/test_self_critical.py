@@ -10,9 +10,19 @@ import pytest
 from captioner.cli import main
 
 
-def test_policy_gradient_raises_the_reward():
+def tiny_decoder(model_type: str, vocab_size: int = 20):
+    """A random-weight decoder of either type over 8-d features (attention: 4 regions of them)."""
+    from captioner.model import ShowAndTell, ShowAttendTell
+
+    if model_type == "show-attend-tell":
+        return ShowAttendTell(vocab_size, feature_dim=8, regions=4, embed_dim=16, units=32, attention_dim=16,
+                              dropout=0.0)
+    return ShowAndTell(vocab_size, feature_dim=8, embed_dim=16, units=32, dropout=0.0)
+
+
+@pytest.mark.parametrize("model_type", ["show-and-tell", "show-attend-tell"])
+def test_policy_gradient_raises_the_reward(model_type):
     """A reward for saying one word: after a few dozen steps the decoder says it far more often."""
-    from captioner.model import ShowAndTell
     from captioner.quiet_tensorflow import keras, tf
     from captioner.self_critical import SelfCritical
 
@@ -22,10 +32,11 @@ def test_policy_gradient_raises_the_reward():
     def reward(images, tokens):
         return (tokens == target).mean(axis=1).astype(np.float32) * 10
 
-    decoder = ShowAndTell(vocab_size=20, feature_dim=8, embed_dim=16, units=32, dropout=0.0)
+    decoder = tiny_decoder(model_type)
     model = SelfCritical(decoder, reward, samples=4, max_len=6)
     model.compile(optimizer=keras.optimizers.Adam(1e-2))
-    features = np.random.default_rng(0).normal(size=(16, 8)).astype(np.float32)
+    shape = (16, 4, 8) if model_type == "show-attend-tell" else (16, 8)
+    features = np.random.default_rng(0).normal(size=shape).astype(np.float32)
     data = tf.data.Dataset.from_tensor_slices((features, np.arange(16, dtype=np.int32))).batch(8)
 
     def mean_reward():
@@ -39,14 +50,13 @@ def test_policy_gradient_raises_the_reward():
 
 
 def test_samples_are_never_special_tokens_and_stop_at_end():
-    from captioner.model import ShowAndTell
     from captioner.quiet_tensorflow import tf
     from captioner.self_critical import SelfCritical
     from captioner.text import Vocabulary
 
-    decoder = ShowAndTell(vocab_size=12, feature_dim=4, embed_dim=8, units=8, dropout=0.0)
-    model = SelfCritical(decoder, lambda i, t: np.zeros(len(t), np.float32), samples=2, max_len=30)
-    tokens = model.sample(tf.random.normal((64, 4))).numpy()
+    model = SelfCritical(tiny_decoder("show-and-tell", 12), lambda i, t: np.zeros(len(t), np.float32), samples=2,
+                         max_len=30)
+    tokens = model.sample(tf.random.normal((64, 8))).numpy()
     assert tokens.shape == (64, 30)
     assert not np.isin(tokens, [Vocabulary.start_id, Vocabulary.unk_id]).any()
     for row in tokens:
