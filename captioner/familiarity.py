@@ -21,9 +21,8 @@ import hashlib
 import io
 from dataclasses import dataclass
 from pathlib import Path
-import numpy as np
 
-from captioner.settings import setting
+import numpy as np
 
 FILENAME = "familiarity.npy"
 MAX_REFERENCE = 65_536  # reference rows a bundle may hold (Flickr8k's whole train split is 6,000)
@@ -41,10 +40,10 @@ class FamiliarityError(ValueError):
 class FamiliaritySettings:
     """How a bundle's familiarity data is built from its training and dev photos."""
 
-    reference_size: int = setting(2048, "training photos kept as the reference set (a random subset)")
-    neighbours: int = setting(5, "a photo's score is its mean similarity to this many nearest references")
-    dev_pass: float = setting(0.95, "share of dev photos the threshold lets pass")
-    seed: int = setting(0, "seed of the reference subset")
+    reference_size: int = 2048  # training photos kept as the reference set (a random subset)
+    neighbours: int = 5  # a photo's score is its mean similarity to this many nearest references
+    dev_pass: float = 0.95  # share of the dev photos that the threshold lets pass
+    seed: int = 0  # of the reference subset
 
     def __post_init__(self) -> None:
         if not 1 <= self.neighbours <= self.reference_size <= MAX_REFERENCE:
