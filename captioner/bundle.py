@@ -13,8 +13,9 @@ config asks for before checking it: every field's type and range is checked, fil
 bounded before a byte is read, the model file may name only Keras layers and the decoder's own
 class (never a `Lambda`), Keras loads it in `safe_mode`, no pickle is read, and the weights must
 be finite. Runtime and familiarity files are read only by their fixed names and only if their
-SHA-256 matches the config; the familiarity file is a plain NumPy array, read without pickle. Every refusal is a `BundleError` with a one-line reason. This module imports
-neither TensorFlow nor Keras until a Keras decoder is loaded or saved.
+SHA-256 matches the config; the familiarity file is a plain NumPy array, read without pickle.
+Every refusal is a `BundleError` with a one-line reason. This module imports neither TensorFlow
+nor Keras until a Keras decoder is loaded or saved.
 """
 from __future__ import annotations
 
