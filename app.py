@@ -246,6 +246,7 @@ def show_result(photo: Photo, result: CaptionResult, options: DecodeOptions) -> 
     best = result.beams[0]
     st.caption(f"{name} · {describe_settings(options)} · {best.word_probability:.0%} per word",
                help=PER_WORD_HELP)
+    show_recognition(result)
     if len(result.beams) > 1:
         with st.expander(f"Top {len(result.beams)} beams"):
             st.markdown("\n".join(beam_line(rank, beam) for rank, beam in enumerate(result.beams, 1)))
@@ -254,6 +255,27 @@ def show_result(photo: Photo, result: CaptionResult, options: DecodeOptions) -> 
 
 PER_WORD_HELP = ("How sure the model was, per word: the geometric mean of the probabilities it gave each "
                  "word of the sentence (and its end). Beams are ranked by log-probability over length^α.")
+
+
+UNFAMILIAR_WARNING = ("This photo looks unlike the photos this model learned from, so the caption may well be "
+                      "wrong: the model can only describe the kinds of scenes it was trained on.")
+RECOGNITION_HELP = ("What the encoder, an ImageNet classifier, recognises in the photo (its top labels), and how "
+                    "close the photo lies to the model's training photos (1: as close as can be). The threshold "
+                    "is set so that most held-out photos of the training collection reach it (95 % by default).")
+
+
+def show_recognition(result: CaptionResult) -> None:
+    """The encoder's top ImageNet labels and the photo's familiarity, with a plain-words warning
+    when the photo is unlike the model's training photos (either may be missing for a model)."""
+    if result.unfamiliar:
+        st.warning(UNFAMILIAR_WARNING, icon=":material/travel_explore:")
+    parts = []
+    if result.labels:
+        parts.append("looks like " + ", ".join(f"{name} {p:.0%}" for name, p in result.labels[:3]))
+    if result.familiarity is not None:
+        parts.append(f"familiarity {result.familiarity:.2f} (threshold {result.familiarity_threshold:.2f})")
+    if parts:
+        st.caption(" · ".join(parts), help=RECOGNITION_HELP)
 
 
 def beam_line(rank: int, beam) -> str:

@@ -6,14 +6,16 @@
     <bundle>/decoder.keras  the Keras model file (architecture + weights), loaded in safe mode
     <bundle>/encoder.tflite, decoder.tflite   the same networks for the LiteRT runtime (optional)
     <bundle>/encoder.int8.tflite              the encoder quantised to int8 (optional, faster)
+    <bundle>/familiarity.npy  training photos' features, to score how familiar a photo is (optional)
 
 Bundles may come from strangers, so loading runs no code from them and allocates nothing a
 config asks for before checking it: every field's type and range is checked, file sizes are
 bounded before a byte is read, the model file may name only Keras layers and the decoder's own
 class (never a `Lambda`), Keras loads it in `safe_mode`, no pickle is read, and the weights must
-be finite. Runtime files are read only by their fixed names and only if their SHA-256 matches
-the config. Every refusal is a `BundleError` with a one-line reason. This module imports
-neither TensorFlow nor Keras until a Keras decoder is loaded or saved.
+be finite. Runtime and familiarity files are read only by their fixed names and only if their
+SHA-256 matches the config; the familiarity file is a plain NumPy array, read without pickle.
+Every refusal is a `BundleError` with a one-line reason. This module imports neither TensorFlow
+nor Keras until a Keras decoder is loaded or saved.
 """
 from __future__ import annotations
 
@@ -26,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
+from captioner import familiarity as familiarity_data
 from captioner.decoding import DecodeOptions
 from captioner.errors import first_line
-from captioner.fileio import atomic_path
+from captioner.familiarity import Familiarity, FamiliarityError
+from captioner.fileio import atomic_path, atomic_write_bytes
 from captioner.text import SPECIAL_TOKENS, Vocabulary
 from captioner.version import __version__
 
@@ -82,6 +86,7 @@ class Bundle:
     decoder_sizes: dict = field(default_factory=dict)  # the decoder's config: vocab_size, units, ...
     litert: dict = field(default_factory=dict)  # runtime file name -> its SHA-256
     directory: Path | None = None  # where it was loaded from
+    familiarity: Familiarity | None = None  # training photos' features, to score photos against
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -100,6 +105,8 @@ class Bundle:
             twin = type(self.model).from_config(self.model.get_config())
             twin.set_weights(self.model.get_weights())
             twin.save(tmp / DECODER)
+            if self.familiarity is not None:
+                atomic_write_bytes(tmp / familiarity_data.FILENAME, self.familiarity.file_bytes())
             write_config(tmp, self, {})
         self.litert = {}
         return directory
@@ -117,6 +124,7 @@ def write_config(directory: Path, bundle: Bundle, litert: dict) -> None:
         "vocab_size": len(bundle.vocab),
         "decoding": bundle.decoding.to_dict(),
         "litert": litert,
+        "familiarity": bundle.familiarity.config() if bundle.familiarity is not None else None,
         "info": bundle.info,
     }
     from captioner.fileio import atomic_write_text
@@ -148,9 +156,33 @@ def load_bundle(directory: str | Path, load_decoder: bool = True) -> Bundle:
             problems.append(f"{DECODER} does not match the sizes in {CONFIG}")
     if problems:
         raise BundleError(f"{directory}: inconsistent bundle: {'; '.join(problems)}")
+    familiarity = _read_familiarity(directory, config["familiarity"], encoder["feature_dim"])
     return Bundle(model=model, vocab=vocab, encoder=encoder, decoding=config["decoding"], info=config["info"],
                   model_type=config["model_type"], decoder_sizes=sizes, litert=config["litert"],
-                  directory=directory)
+                  directory=directory, familiarity=familiarity)
+
+
+def add_familiarity_file(bundle: Bundle, familiarity: Familiarity) -> None:
+    """Put familiarity data into a loaded bundle's directory: the file first, config.json last."""
+    atomic_write_bytes(bundle.directory / familiarity_data.FILENAME, familiarity.file_bytes())
+    bundle.familiarity = familiarity
+    write_config(bundle.directory, bundle, bundle.litert)
+
+
+def _read_familiarity(directory: Path, entry: dict | None, feature_dim: int) -> Familiarity | None:
+    if entry is None:
+        return None
+    path = _member(directory, familiarity_data.FILENAME)
+    try:
+        if not path.is_file():
+            raise BundleError(f"{path}: missing, or not a regular file, though {CONFIG} names it")
+        if path.stat().st_size > familiarity_data.MAX_BYTES:
+            raise BundleError(f"{path}: larger than any familiarity data ({familiarity_data.MAX_BYTES:,} bytes)")
+        return familiarity_data.load(path.read_bytes(), entry, feature_dim)
+    except OSError as e:
+        raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
+    except FamiliarityError as e:
+        raise BundleError(f"{path}: {e}") from None
 
 
 def read_runtime_file(bundle: Bundle, filename: str) -> bytes:
@@ -182,10 +214,10 @@ def _check_sizes(sizes: Any, where: Path | str, what: str, model_type: str) -> N
             raise BundleError(f"{where}: {what} '{name}' must be a whole number from 1 to {high:,}, "
                               f"got {sizes.get(name)!r}")
     dropout = sizes.get("dropout", 0.0)
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+    if not _number(dropout, 0, 1) or dropout == 1:
         raise BundleError(f"{where}: {what} 'dropout' must be a number from 0 to 1, got {dropout!r}")
     weight = sizes.get("attention_lambda", 0.0)
-    if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0 <= weight <= MAX_ATTENTION_LAMBDA:
+    if not _number(weight, 0, MAX_ATTENTION_LAMBDA):
         raise BundleError(f"{where}: {what} 'attention_lambda' must be a number from 0 to {MAX_ATTENTION_LAMBDA:g}, "
                           f"got {weight!r}")
 
@@ -274,11 +306,38 @@ def _check_config(directory: Path, config: Any) -> dict:
     if (not isinstance(litert, dict) or not set(litert) <= set(LITERT_FILES)
             or not all(isinstance(v, str) and len(v) == 64 for v in litert.values())):
         raise BundleError(f"{where}: 'litert' must map some of {', '.join(LITERT_FILES)} to their SHA-256")
+    familiarity = config.get("familiarity")
+    if familiarity is not None:
+        _check_familiarity(familiarity, where)
     try:
         decoding = DecodeOptions.from_dict(config.get("decoding"))
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: invalid decoding default {first_line(e)}") from None
-    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {}), "litert": litert}
+    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {}), "litert": litert,
+            "familiarity": familiarity}
+
+
+def _check_familiarity(entry: Any, where: Path) -> None:
+    """The config's `familiarity` entry: the file's SHA-256, the threshold and how it was calibrated."""
+    if not isinstance(entry, dict):
+        raise BundleError(f"{where}: 'familiarity' must be an object or null")
+    sha256, threshold, dev_pass = entry.get("sha256"), entry.get("threshold"), entry.get("dev_pass")
+    neighbours, dev_photos = entry.get("neighbours"), entry.get("dev_photos")
+    if not (isinstance(sha256, str) and len(sha256) == 64):
+        raise BundleError(f"{where}: familiarity 'sha256' must be 64 hex digits, got {sha256!r:.80}")
+    if not _number(threshold, -1, 1):
+        raise BundleError(f"{where}: familiarity 'threshold' must be a number from -1 to 1, got {threshold!r}")
+    if not _number(dev_pass, 0, 1) or dev_pass == 0:
+        raise BundleError(f"{where}: familiarity 'dev_pass' must be a number above 0 and at most 1, got {dev_pass!r}")
+    if not _whole(neighbours, 1, familiarity_data.MAX_REFERENCE):
+        raise BundleError(f"{where}: familiarity 'neighbours' must be a whole number from 1 to "
+                          f"{familiarity_data.MAX_REFERENCE:,}, got {neighbours!r}")
+    if not _whole(dev_photos, 1, 10**9):
+        raise BundleError(f"{where}: familiarity 'dev_photos' must be a positive whole number, got {dev_photos!r}")
+
+
+def _number(value: Any, low: float, high: float) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and low <= value <= high
 
 
 def _read_vocab(directory: Path) -> Vocabulary:

@@ -11,8 +11,10 @@ import numpy as np
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
+from captioner.familiarity import pooled
 from captioner.features import FeatureCache, GridEncoder, iter_features
 from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
+from captioner.recognition import ImageNetHead, Labels
 
 RUNTIMES = ("auto", "litert", "litert-float", "tf")
 
@@ -42,10 +44,22 @@ class CaptionResult:
     source: str
     beams: tuple[Beam, ...] = ()
     error: str | None = None  # why the photo could not be captioned
+    # What the encoder recognises: its top ImageNet labels with their probabilities (none for
+    # encoders without an ImageNet head), and how close the photo lies to the model's training
+    # photos (see captioner.familiarity; None when the bundle has no familiarity data).
+    labels: Labels = ()
+    familiarity: float | None = None
+    familiarity_threshold: float | None = None  # the bundle's: scores below it are unfamiliar
 
     @property
     def ok(self) -> bool:
         return self.error is None
+
+    @property
+    def unfamiliar(self) -> bool:
+        """Whether the photo is less like the training photos than the bundle allows (its caption
+        is then likely wrong). False when there is no score."""
+        return self.familiarity is not None and self.familiarity < self.familiarity_threshold
 
     @property
     def caption(self) -> str | None:
@@ -93,6 +107,8 @@ class Captioner:
             if self.feature_encoder.feature_shape[0] != bundle.decoder_sizes["regions"]:
                 raise BundleError(f"model attends over {bundle.decoder_sizes['regions']} regions but encoder "
                                   f"{encoder.name} gives {self.grid_shape[0]}x{self.grid_shape[1]}")
+        #: the encoder's ImageNet classifier, when its weights file has one (labels in results)
+        self.head = ImageNetHead.for_encoder(bundle.encoder)
         # Features are cached by photo content, so re-captioning with new settings re-encodes nothing.
         # `cache_items` bounds the features kept in memory (a server of unique photos wants few).
         self.cache = FeatureCache(identity, cache_dir, memory_items=cache_items, grid_shape=self.grid_shape)
@@ -159,10 +175,26 @@ class Captioner:
         options = replace(options or self.options, **overrides)
         for batch in iter_features(images, self.feature_encoder, self.cache, batch_size, max_pixels):
             hyps = dict(zip(batch.indices, self.decode_features(batch.features, options)))
+            about = dict(zip(batch.indices, self._recognise(batch.features)))
             errors = dict(batch.errors)
             for i in sorted([*hyps, *errors]):
                 name = describe_source(images[i])
-                yield CaptionResult(name, error=errors[i].reason) if i in errors else self._result(name, hyps[i])
+                yield (CaptionResult(name, error=errors[i].reason) if i in errors
+                       else replace(self._result(name, hyps[i]), **about[i]))
+
+    def _recognise(self, features: np.ndarray) -> list[dict]:
+        """Per photo, the `CaptionResult` fields about what the encoder sees: labels, familiarity."""
+        about: list[dict] = [{} for _ in features]
+        if (self.head is None and self.bundle.familiarity is None) or not len(features):
+            return about
+        vectors = pooled(features)
+        if self.head is not None:
+            for fields, labels in zip(about, self.head.top(vectors)):
+                fields["labels"] = labels
+        if (familiarity := self.bundle.familiarity) is not None:
+            for fields, score in zip(about, familiarity.scores(vectors)):
+                fields.update(familiarity=float(score), familiarity_threshold=familiarity.threshold)
+        return about
 
     def decode_features(self, features: np.ndarray, options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
         """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models) with this

@@ -16,6 +16,7 @@ from pathlib import Path
 from captioner import paths
 from captioner.captioner import RUNTIMES  # imports no TensorFlow: the runtimes load theirs when chosen
 from captioner.decoding import METHODS, DecodeOptions, OptionError
+from captioner.familiarity import UNFAMILIAR
 
 
 # DecodeOptions field -> the flag that sets it, for messages that name what the user typed.
@@ -157,12 +158,19 @@ def build_parser() -> argparse.ArgumentParser:
     _model_option(p)
     _decoding_options(p)
 
-    p = sub.add_parser("export", help="add LiteRT files to a model bundle (for the fast runtime)",
+    p = sub.add_parser("export", help="add LiteRT files (and familiarity data) to a model bundle",
                        description="Convert a bundle's encoder and decoder to LiteRT (.tflite) files and record "
-                       "them in its config. Bundles written by `captioner train` have them already.")
+                       "them in its config; with --familiarity, also add the data that scores how familiar a "
+                       "photo is. Bundles written by `captioner train` have both already.")
     _model_option(p, runtime=False)
     p.add_argument("--int8-calibration", metavar="DIR",
                    help="also write an int8 encoder, calibrated on 200 photos of this dataset's train split")
+    p.add_argument("--familiarity", metavar="DIR",
+                   help="also add familiarity data from this dataset (the one the model was trained on): "
+                   "a reference set of its train photos, a threshold calibrated on its dev photos "
+                   "(attention bundles, which have no LiteRT files, get only this)")
+    p.add_argument("--cache-dir", metavar="DIR", help="feature cache for --familiarity "
+                   "(default: $CAPTIONER_HOME/features)")
 
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset (demo and tests)")
     p.add_argument("output", metavar="DIR")
@@ -316,6 +324,10 @@ def cmd_caption(args: argparse.Namespace) -> int:
                 if result.error:
                     failed += 1
                     bar.write(f"error: {terminal_text(result.source)}: {terminal_text(result.error)}", file=sys.stderr)
+                if result.unfamiliar:
+                    bar.write(f"warning: {terminal_text(result.source)}: {UNFAMILIAR} (familiarity "
+                              f"{result.familiarity:.2f}, below the model's {result.familiarity_threshold:.2f})",
+                              file=sys.stderr)
                 if writer:
                     writer.write(result)
                 elif result.caption is not None:
@@ -403,16 +415,38 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from captioner.bundle import load_bundle
     from captioner.data import load_dataset
-    from captioner.export_litert import add_litert_files, calibration_photos
+    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files, calibration_photos
 
     model = args.model or paths.default_model()
+    bundle = load_bundle(model, load_decoder=False)
+    if args.familiarity:
+        _export_familiarity(args, model, bundle.encoder)
+        if bundle.model_type not in LITERT_MODEL_TYPES:
+            return 0  # nothing more to do for it: add_litert_files would refuse it
     calibration = None
     if args.int8_calibration:
-        size = load_bundle(model, load_decoder=False).encoder["image_size"]
-        calibration = calibration_photos(load_dataset(args.int8_calibration), size)
+        calibration = calibration_photos(load_dataset(args.int8_calibration), bundle.encoder["image_size"])
     for name, digest in add_litert_files(model, args.encoder_weights, calibration).items():
         print(f"{Path(model) / name}  sha256 {digest[:16]}")
     return 0
+
+
+def _export_familiarity(args: argparse.Namespace, model: Path, identity: dict) -> None:
+    from captioner.data import load_dataset
+    from captioner.encoder import ImageEncoder
+    from captioner.familiarity import FILENAME, add_familiarity
+    from captioner.features import FeatureCache, encode_photos
+
+    dataset = load_dataset(args.familiarity)
+    encoder = ImageEncoder(identity["name"], args.encoder_weights)
+    if encoder.describe() != identity:
+        raise UsageError(f"--encoder-weights: not the encoder {model} was trained with")
+    cache = FeatureCache(identity, _cache_dir(args))
+    train, dev = (encode_photos(dataset.images, dataset.subset(split).splits[split], encoder, cache,
+                                description=f"Encoding {split} photos")[1] for split in ("train", "dev"))
+    familiarity = add_familiarity(model, train, dev)
+    print(f"{Path(model) / FILENAME}: {len(familiarity.reference):,} reference photos; threshold "
+          f"{familiarity.threshold:.3f} passes {familiarity.dev_pass:.1%} of {familiarity.dev_photos:,} dev photos")
 
 
 def cmd_make_shapes(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ from captioner.quiet_tensorflow import keras, tf
 
 layers = keras.layers
 
-ASSETS_DIR = paths.ASSETS / "encoders"
+ASSETS_DIR = paths.ENCODER_ASSETS
 
 # Images per forward pass. Small passes keep the activations in the CPU caches: EfficientNet-Lite0
 # on 2 cores runs at 90 images/s in passes of 8 against 65 in passes of 32 (bench/README.md).
@@ -48,7 +48,7 @@ _FORWARD_BATCH = 8
 
 def user_weights_path(name: str) -> Path:
     """Where scripts/convert_encoder_weights.py writes NAME's weights for this user."""
-    return paths.encoder_weights_dir() / f"{name}.weights.h5"
+    return paths.encoder_weights_files(name)[-1]
 
 
 def _weights_file_id(path: Path) -> str:
@@ -63,7 +63,7 @@ def _weights_values_id(network: keras.Model) -> str:
 
 
 def _converted_weights_file(name: str, spec: NetworkSpec) -> Path:
-    candidates = [ASSETS_DIR / f"{name}.weights.h5", user_weights_path(name)]
+    candidates = paths.encoder_weights_files(name)
     for path in candidates:
         if path.is_file():
             return path

@@ -17,11 +17,11 @@ import numpy as np
 
 from captioner.errors import EncoderError
 from captioner.quiet_tensorflow import keras, tf
+from captioner.recognition import CLASSES, HEAD_LAYER
 
 layers = keras.layers
 
 DEFAULT_ENCODER = "efficientnet-lite0"
-HEAD_LAYER = "predictions"  # the 1000-class ImageNet softmax, where a network has one
 
 
 # ---------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def _efficientnet_lite(name: str) -> keras.Model:
         x = layers.Add(name=p + "add")([h, x]) if stride == 1 and c_in == c_out else h
     x = _relu6("top_relu")(_bn("top_bn")(_conv(_LITE_FEATURES, 1, 1, "top_conv")(x)))
     x = layers.GlobalAveragePooling2D(name="avg_pool")(x)
-    outputs = layers.Dense(1000, activation="softmax", name=HEAD_LAYER)(x)
+    outputs = layers.Dense(CLASSES, activation="softmax", name=HEAD_LAYER)(x)
     return keras.Model(inputs, outputs, name=name.replace("-", "_"))
 
 

@@ -1,9 +1,12 @@
 """Caption results as rows: CSV and JSONL files (written as photos are done, resumable), the
 app's downloads, and safe text for terminals.
 
-Columns: image, caption, log_prob, score, error; with `top` > 1 also the other beams (JSONL: a
-`beams` list; CSV: caption_2, log_prob_2, score_2, ... up to `top`). Beams are ranked by
-`score` = log_prob / tokens**length_penalty, so the order always follows `score`.
+Columns: image, caption, log_prob, score, familiarity, unfamiliar, labels, error; with `top` > 1
+also the other beams (JSONL: a `beams` list; CSV: caption_2, log_prob_2, score_2, ... up to `top`).
+Beams are ranked by `score` = log_prob / tokens**length_penalty, so the order always follows
+`score`. `familiarity` and `unfamiliar` are empty when the model has no familiarity data, `labels`
+(the encoder's ImageNet labels; JSONL: a list of {"name", "probability"}, CSV: `tabby 0.41; tiger
+cat 0.30`) when its encoder has no ImageNet head.
 
 Text cells of a CSV file that start with `=`, `+`, `-`, `@`, a tab or a carriage return are
 written with a leading `'` (so a spreadsheet shows them as text instead of running them as a
@@ -27,7 +30,7 @@ from captioner.fileio import atomic_path
 if TYPE_CHECKING:  # the results come from captioner.captioner, which imports TensorFlow
     from captioner.captioner import CaptionResult
 
-FIELDS = ("image", "caption", "log_prob", "score", "error")
+FIELDS = ("image", "caption", "log_prob", "score", "familiarity", "unfamiliar", "labels", "error")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
@@ -56,6 +59,9 @@ def row(result: CaptionResult, top: int = 1) -> dict:
     best = result.beams[0] if result.beams else None
     out = {"image": display_name(result.source), "caption": best and best.caption,
            "log_prob": best and round(best.log_prob, 4), "score": best and round(best.score, 4),
+           "familiarity": None if result.familiarity is None else round(result.familiarity, 4),
+           "unfamiliar": None if result.familiarity is None else result.unfamiliar,
+           "labels": [{"name": name, "probability": round(p, 4)} for name, p in result.labels] or None,
            "error": result.error}
     if top > 1:
         out["beams"] = [{"caption": b.caption, "log_prob": round(b.log_prob, 4), "score": round(b.score, 4)}
@@ -66,6 +72,7 @@ def row(result: CaptionResult, top: int = 1) -> dict:
 def csv_cells(result: CaptionResult, top: int = 1) -> list:
     """One photo's CSV cells in `csv_fields(top)` order; missing values are empty."""
     values = row(result, 1)
+    values["labels"] = "; ".join(f"{name} {p:.3f}" for name, p in result.labels) or None
     cells = [values[name] for name in FIELDS]
     for beam in result.beams[1:top]:
         cells += [beam.caption, round(beam.log_prob, 4), round(beam.score, 4)]

@@ -11,6 +11,7 @@ import os
 from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
+ENCODER_ASSETS = ASSETS / "encoders"  # converted encoder weights shipped with the package, ImageNet class names
 SHIPPED_MODEL = ASSETS / "models" / "default"
 CHECKOUT = Path(__file__).resolve().parents[1]  # the project folder for the README's `pip install -e .`
 
@@ -32,6 +33,12 @@ def feature_cache_dir() -> Path:
 def encoder_weights_dir() -> Path:
     """Where `scripts/convert_encoder_weights.py` writes encoder weights: `$CAPTIONER_HOME/encoders`."""
     return home() / "encoders"
+
+
+def encoder_weights_files(name: str) -> list[Path]:
+    """Where encoder NAME's converted weights may be, in the order they are looked for: shipped
+    with the package, then converted by this user."""
+    return [ENCODER_ASSETS / f"{name}.weights.h5", encoder_weights_dir() / f"{name}.weights.h5"]
 
 
 def default_model() -> Path:

@@ -152,4 +152,4 @@ def self_critical(
     model.fit(train_ds, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
     if not splits["dev"][0]:
         make_bundle({"epoch": config.epochs}).save(output / "model")
-    return finish_run(output, encoder)
+    return finish_run(output, encoder, splits)

@@ -22,6 +22,7 @@ from captioner.cider import corpus_cider
 from captioner.data import CaptionDataset
 from captioner.decoding import DecodeOptions, caption_texts
 from captioner.evaluation import bleu_scores
+from captioner.familiarity import add_familiarity
 from captioner.features import FeatureCache, encode_photos
 from captioner.fileio import atomic_save, atomic_write_text
 from captioner.model import MaskedCrossEntropy, ShowAndTell, ShowAttendTell
@@ -265,8 +266,14 @@ def run_callbacks(output: Path, config: TrainConfig, dataset: CaptionDataset, de
 MONITORS = {"bleu": ("val_bleu4", "max"), "cider": ("val_cider", "max"), "loss": ("val_loss", "min")}
 
 
-def finish_run(output: Path, encoder) -> Bundle:
-    """Add the LiteRT files to the chosen bundle (once: converting costs seconds) and load it."""
+def finish_run(output: Path, encoder, splits: dict) -> Bundle:
+    """Give the chosen bundle its familiarity data (from `splits`, what `encode_splits` returned) and
+    its LiteRT files (once: converting costs seconds), and load it."""
+    (_, train_features), (dev_ids, dev_features) = splits["train"], splits["dev"]
+    if dev_ids:  # calibrated on dev photos: without them, no familiarity data
+        add_familiarity(output / "model", train_features, dev_features)
+    else:
+        log.info("no familiarity data: it is calibrated on dev photos and the dataset has none")
     remove_grid_files(output)
     from captioner.export_litert import add_litert_files
 
@@ -334,7 +341,7 @@ def train(
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
-    return finish_run(output, encoder)
+    return finish_run(output, encoder, splits)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:

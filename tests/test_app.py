@@ -147,6 +147,23 @@ def test_broken_files_get_one_error_each_and_the_rest_captions(bundle_dir, app, 
     assert any(m.value.startswith("**3 of 9 photos captioned** · 6 could not be read") for m in at.main.markdown)
 
 
+def test_a_photo_unlike_the_training_photos_gets_a_plain_warning(bundle_dir, app, page_captioner, tmp_path):
+    noise = Image.fromarray(np.random.default_rng(3).integers(0, 256, (96, 96, 3), dtype=np.uint8))
+    buffer = io.BytesIO()
+    noise.save(buffer, format="PNG")
+    files = [("shapes.png", picture(31)), ("noise.png", buffer.getvalue())]
+    expected = page_captioner.caption(write(tmp_path, files))
+    assert [r.unfamiliar for r in expected] == [False, True]
+
+    at = open_page()
+    at.file_uploader(key="uploads").set_value([(name, data, "image/png") for name, data in files]).run()
+    assert not at.exception, at.exception
+    assert [w.value for w in at.main.warning] == [app.UNFAMILIAR_WARNING]  # the noise photo's card only
+    assert "looks unlike the photos this model learned from" in app.UNFAMILIAR_WARNING
+    shown = [c.value for c in at.main.caption if c.value.startswith("familiarity ")]
+    assert shown == [f"familiarity {r.familiarity:.2f} (threshold {r.familiarity_threshold:.2f})" for r in expected]
+
+
 def test_settings_change_recaptions_without_reencoding(bundle_dir, page_captioner, encoder_calls, tmp_path):
     files = [("a.png", picture(21)), ("b.png", picture(22))]
     paths = write(tmp_path, files)
@@ -160,7 +177,8 @@ def test_settings_change_recaptions_without_reencoding(bundle_dir, page_captione
 
     at.radio(key="method").set_value("greedy").run()
     assert [c.lower().rstrip(".") for c in captions(at)] == greedy
-    assert [c.value.split(" · ")[1] for c in at.main.caption] == ["greedy", "greedy"]
+    names = [c.value for c in at.main.caption if c.value.startswith(("a.png", "b.png"))]
+    assert [name.split(" · ")[1] for name in names] == ["greedy", "greedy"]
     assert not beams(at)  # one sentence each: no beams to show
 
     at.slider(key="max_len").set_value(3).run()

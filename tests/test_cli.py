@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from captioner.cli import build_parser, main
 from captioner.output import FIELDS as OUTPUT_FIELDS
@@ -62,14 +64,15 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
     model = str(trained_run[0] / "model")
     # a JSONL file left by a run killed after two rows, in the middle of the third
     partial = base / "partial.jsonl"
-    kept = [{"image": str(photos / "good_0.jpg"), "caption": "a kept caption", "log_prob": -1.0, "score": -0.5,
-             "error": None},
-            {"image": str(photos / "empty.jpg"), "caption": None, "log_prob": None, "score": None,
-             "error": "empty file (0 bytes)"}]
+    kept = [{**dict.fromkeys(OUTPUT_FIELDS), "image": str(photos / "good_0.jpg"), "caption": "a kept caption",
+             "log_prob": -1.0, "score": -0.5},
+            {**dict.fromkeys(OUTPUT_FIELDS), "image": str(photos / "empty.jpg"), "error": "empty file (0 bytes)"}]
     partial.write_text("".join(json.dumps(row) + "\n" for row in kept)
                        + json.dumps({"image": str(photos / "good_1.jpg"), "caption": "a torn row"})[:40],
                        encoding="utf-8")
     (base / "foreign.csv").write_text("name,score\nalice,3\n")
+    noise = base / "noise.png"  # unlike the generated shapes the model learned from
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(noise)
     (base / "taken.csv").write_text("somebody's work\n")
     # Names that once stopped a batch or forged output lines: not UTF-8, a newline, a formula.
     odd = base / "odd"
@@ -94,6 +97,7 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
                       "-o", str(base / "top.jsonl")],
         "missing model": ["caption", str(photos), "--model", str(base / "no-such-model")],
         "bad value": ["caption", str(photos / "good_0.jpg"), "--model", model, "--beam-size", "0"],
+        "unfamiliar": ["caption", str(noise), str(photos / "good_0.jpg"), "--model", model],
         "resume without output": ["caption", str(photos), "--resume"],
         "top greedy": ["caption", str(photos), "--method", "greedy", "--top", "2"],
         "existing output": ["caption", str(photos), "-o", str(base / "taken.csv")],
@@ -128,10 +132,18 @@ def no_traceback(run: Run) -> None:
     assert "Traceback" not in run.stderr + run.stdout, run.stderr
 
 
-OWN_LINES = ("error: ", "captioned ", "resuming: ", "nothing to caption")
+OWN_LINES = ("error: ", "warning: ", "captioned ", "resuming: ", "nothing to caption")
 
 
-@pytest.mark.parametrize("name", ["csv", "stdout", "resume", "top csv"])
+def test_a_photo_unlike_the_training_photos_gets_a_warning(runs):
+    run = runs["unfamiliar"]
+    assert run.returncode == 0 and len(run.stdout.splitlines()) == 2  # captioned all the same
+    [warning] = [line for line in run.stderr.splitlines() if line.startswith("warning: ")]
+    assert warning.startswith(f"warning: {runs['meta'][0] / 'noise.png'}: unlike the photos the model learned from")
+    assert re.search(r"\(familiarity -?0\.\d\d, below the model's -?0\.\d\d\)$", warning), warning
+
+
+@pytest.mark.parametrize("name", ["csv", "stdout", "resume", "top csv", "unfamiliar"])
 def test_stderr_holds_only_captioners_own_lines(runs, name):
     """No TensorFlow start-up notice (oneDNN, absl) or C++ log line reaches the user, on any CPU."""
     foreign = [line for line in runs[name].stderr.splitlines() if not line.startswith(OWN_LINES)]
@@ -195,8 +207,7 @@ def test_resume_keeps_finished_rows_and_drops_a_torn_one(runs):
     good_3 = next(r for r in rows if r["image"] == str(photos / "good_3.jpg"))
     assert good_3["caption"] and good_3["error"] is None and isinstance(good_3["log_prob"], float)
     notes = next(r for r in rows if r["image"] == str(photos / "notes.jpg"))
-    assert notes == {"image": str(photos / "notes.jpg"), "caption": None, "log_prob": None, "score": None,
-                     "error": NOT_AN_IMAGE}
+    assert notes == {**dict.fromkeys(OUTPUT_FIELDS), "image": str(photos / "notes.jpg"), "error": NOT_AN_IMAGE}
 
 
 def test_top_beams_in_csv_and_jsonl(runs):

@@ -49,3 +49,14 @@ def test_the_astronaut_is_a_person(captioner):
     result = captioner.caption(skimage.data.astronaut(), beam_size=5, num_results=5)
     people = {"man", "woman", "person", "boy", "girl", "people", "men", "women"}
     assert people & set(tokenize(result.caption)), result.beams
+
+
+def test_the_examples_get_labels_and_only_the_person_passes_as_familiar(captioner):
+    """The encoder recognises the cat and the coffee; the model says that neither, nor the rocket,
+    is like its Flickr8k photos (it captions the coffee as a dog), while the astronaut, a person, is."""
+    examples = {p.stem: p for p in (Path(__file__).parent.parent / "data" / "examples").glob("*.jpg")}
+    results = dict(zip(examples, captioner.caption(list(examples.values()))))
+    assert results["coffee"].labels[0][0] == "espresso"
+    assert results["chelsea"].labels[0][0] in {"tabby", "tiger cat", "Egyptian cat"}
+    assert {name for name, result in results.items() if result.unfamiliar} == {"chelsea", "coffee", "rocket"}
+    assert captioner.bundle.familiarity.dev_pass == pytest.approx(0.95, abs=0.01)

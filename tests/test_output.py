@@ -116,3 +116,15 @@ def test_top_beams_in_both_formats():
     assert [b["caption"] for b in record["beams"]] == ["one", "two", "three"]
     [parsed] = list(csv.DictReader(io.StringIO(results_csv([result, failed("b.jpg")], 3))))[:1]
     assert list(parsed) == csv_fields(3) and parsed["caption_3"] == "three" and parsed["score_2"] == "-1.5"
+
+
+def test_rows_carry_labels_and_familiarity(tmp_path):
+    seen = CaptionResult("cup.jpg", (Beam("a dog runs", -1.0, -0.5),), labels=(("espresso", 0.9), ("cup", 0.04)),
+                         familiarity=0.18, familiarity_threshold=0.26)
+    record = row(seen)
+    assert record["familiarity"] == 0.18 and record["unfamiliar"] is True
+    assert record["labels"] == [{"name": "espresso", "probability": 0.9}, {"name": "cup", "probability": 0.04}]
+    [cells] = list(csv.DictReader(io.StringIO(results_csv([seen, ok("plain.jpg")]))))[:1]
+    assert cells["labels"] == "espresso 0.900; cup 0.040" and cells["unfamiliar"] == "True"
+    plain = row(ok("plain.jpg"))  # a model without familiarity data and an encoder without labels
+    assert plain["familiarity"] is plain["unfamiliar"] is plain["labels"] is None

@@ -377,8 +377,8 @@ def test_pixel_bombs_are_refused_from_the_header(make_client, photos, expected):
     response = client.post("/caption", files=[("f", ("bomb.png", bomb.getvalue())), ("f", ("good_0.jpg", photos["good_0.jpg"]))])
     assert response.status_code == 422
     bad, good = response.json()["captions"]
-    assert bad == {"image": "bomb.png", "caption": None, "log_prob": None, "score": None,
-                   "error": "image too large (2000x2000, over 1,000,000 pixels)"}
+    assert bad == {"image": "bomb.png", "caption": None, "log_prob": None, "score": None, "familiarity": None,
+                   "unfamiliar": None, "labels": None, "error": "image too large (2000x2000, over 1,000,000 pixels)"}
     assert without_image(good) == expected("good_0.jpg")
     assert response.json()["error"] == "1 of 2 images could not be captioned: bomb.png: " + bad["error"]
 
