@@ -83,7 +83,7 @@ def overlay(photo: ImageSource, weights: np.ndarray, alpha: float = ALPHA) -> Im
 def strip(photo: ImageSource | bytes, words: Sequence[str], attention: np.ndarray, size: int = 128,
           columns: int = 6) -> Image.Image:
     """Every word's heatmap over a thumbnail of the photo (at most `size` pixels a side), the word
-    under each, `columns` to a row.
+    under each, at most `columns` to a row.
 
     `attention` is [words, H, W] (`CaptionResult.attention`); a caption without words gives the
     plain thumbnail."""
@@ -97,8 +97,8 @@ def strip(photo: ImageSource | bytes, words: Sequence[str], attention: np.ndarra
     font_size = max(11, size // 9)
     font = ImageFont.load_default(size=font_size)
     gap, label = max(4, size // 32), round(font_size * 1.7)
-    cols = min(columns, len(tiles))
-    rows = math.ceil(len(tiles) / cols)
+    rows = math.ceil(len(tiles) / columns)
+    cols = math.ceil(len(tiles) / rows)  # rows as even as they can be: 7 words are 4 + 3, not 6 + 1
     width, height = thumb.width + gap, thumb.height + label
     sheet = Image.new("RGB", (cols * width + gap, rows * height + gap), BACKGROUND)
     draw = ImageDraw.Draw(sheet)

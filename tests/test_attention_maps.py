@@ -102,6 +102,8 @@ def test_strip_shows_each_words_map_with_the_word_under_it():
         under = pixels[y + 80 : y + 80 + label, x : x + 120]
         assert (under < 128).any(), f"no text under {words[i]!r}"  # dark ink on white
     assert (pixels[-label:, -(120 + gap):] == 255).all()  # the sixth place stays empty
+    # Rows as even as they can be: 7 words at most 6 to a row are 4 + 3.
+    assert strip(grey_photo(40, 40), list("abcdefg"), np.ones((7, 2, 2)) / 4, size=40).width == 4 * (40 + 4) + 4
 
 
 def test_strip_checks_its_input_and_draws_a_caption_without_words():
