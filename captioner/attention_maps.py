@@ -94,7 +94,7 @@ def strip(photo: ImageSource | bytes, words: Sequence[str], attention: np.ndarra
         raise ValueError(f"size must be at least 16 and columns at least 1, got {size} and {columns}")
     thumb = preview(photo, size)
     tiles = [(overlay(thumb, w), word) for word, w in zip(words, attention)] or [(thumb, "(no words)")]
-    font_size = max(11, size // 9)
+    font_size = max(11, size // 7)
     font = ImageFont.load_default(size=font_size)
     gap, label = max(4, size // 32), round(font_size * 1.7)
     rows = math.ceil(len(tiles) / columns)

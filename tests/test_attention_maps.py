@@ -91,7 +91,7 @@ def test_strip_shows_each_words_map_with_the_word_under_it():
     cells = [(0, 0), (0, 3), (3, 3), (3, 0), (2, 1)]
     sheet = strip(grey_photo(300, 200), words, peaked((4, 4), cells), size=120, columns=3)
     # Tiles of the thumbnail's size (120 x 80), 3 to a row, so two rows, with room for the words.
-    gap, label = 4, round(max(11, 120 // 9) * 1.7)
+    gap, label = 4, round(max(11, 120 // 7) * 1.7)
     assert sheet.size == (3 * (120 + gap) + gap, 2 * (80 + label) + gap)
     pixels = np.asarray(sheet)
     for i, cell in enumerate(cells):
