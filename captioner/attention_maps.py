@@ -82,8 +82,8 @@ def overlay(photo: ImageSource, weights: np.ndarray, alpha: float = ALPHA) -> Im
 
 def strip(photo: ImageSource | bytes, words: Sequence[str], attention: np.ndarray, size: int = 128,
           columns: int = 6) -> Image.Image:
-    """Every word's heatmap over a thumbnail of the photo (at most `size` pixels a side), the word
-    under each, at most `columns` to a row.
+    """Every word's heatmap over a thumbnail of the photo (its longer side `size` pixels), the
+    word under each, at most `columns` to a row.
 
     `attention` is [words, H, W] (`CaptionResult.attention`); a caption without words gives the
     plain thumbnail."""
@@ -93,6 +93,9 @@ def strip(photo: ImageSource | bytes, words: Sequence[str], attention: np.ndarra
     if size < 16 or columns < 1:
         raise ValueError(f"size must be at least 16 and columns at least 1, got {size} and {columns}")
     thumb = preview(photo, size)
+    if max(thumb.size) < size:  # a small photo is enlarged, so its words fit under it
+        scale = size / max(thumb.size)
+        thumb = thumb.resize((round(thumb.width * scale), round(thumb.height * scale)), Image.Resampling.BICUBIC)
     tiles = [(overlay(thumb, w), word) for word, w in zip(words, attention)] or [(thumb, "(no words)")]
     font_size = max(11, size // 7)
     font = ImageFont.load_default(size=font_size)

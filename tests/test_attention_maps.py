@@ -116,6 +116,12 @@ def test_strip_checks_its_input_and_draws_a_caption_without_words():
     assert (tile == GREY).all()  # the plain photo: nothing to overlay
 
 
+def test_a_small_photo_is_enlarged_to_the_tile_size():
+    sheet = strip(grey_photo(32, 16), ["a"], peaked((2, 2), [(0, 1)]), size=64)
+    label = round(max(11, 64 // 7) * 1.7)
+    assert sheet.size == (64 + 2 * 4, 32 + label + 4)
+
+
 def test_a_long_word_is_cut_to_its_tile():
     sheet = strip(grey_photo(64, 64), ["extraordinarily-long-word"], peaked((2, 2), [(0, 0)]), size=64)
     assert sheet.width == 64 + 2 * 4  # the word did not widen the sheet
