@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 
 from captioner import attention_maps, paths
 from captioner.bundle import CONFIG, BundleError
@@ -240,7 +241,7 @@ def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo],
 
 
 @st.cache_data(show_spinner=False, max_entries=64)
-def photo_preview(data: bytes):
+def photo_preview(data: bytes) -> Image.Image:
     """The photo upright and shrunk to draw attention over (decoded once per photo)."""
     return attention_maps.preview(data, PREVIEW_SIDE)
 

@@ -36,8 +36,7 @@ def preview(photo: ImageSource | bytes, max_side: int) -> Image.Image:
             photo = Image.open(io.BytesIO(photo), formats=ALLOWED_FORMATS)
         except UnidentifiedImageError:
             raise ImageError("<bytes>", "not an image in a supported format") from None
-    if isinstance(photo, Image.Image) and photo.format == "JPEG":
-        photo.draft("RGB", (max_side, max_side))  # decode a large JPEG at reduced scale
+        photo.draft("RGB", (max_side, max_side))  # a large JPEG is decoded at reduced scale
     image = Image.fromarray(load_image(photo))
     image.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
     return image
