@@ -23,8 +23,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
+from PIL import Image
 
-from captioner import paths
+from captioner import attention_maps, paths
 from captioner.bundle import CONFIG, BundleError
 from captioner.captioner import Captioner, CaptionResult
 from captioner.decoding import METHODS, DecodeOptions
@@ -41,6 +42,8 @@ MAX_SESSION_PHOTOS = 48  # photos captioned per visit: with the per-photo limit,
 METHOD_LABELS = {"beam": "Beam search", "greedy": "Greedy", "sample": "Sampling"}
 BATCH_SIZE = 8  # photos per encoder pass: small enough for the progress bar to move
 COLUMNS = 3
+PREVIEW_SIDE = 720  # pixels: a card's heatmap is drawn over the photo shrunk to this (a card is narrower)
+THUMB_SIDE = 120  # pixels: each word's picture in the strip under the caption, 3 to a row
 STYLE = """<style>
 [data-testid="stMainBlockContainer"] {padding-top: 2.5rem}
 [data-testid="stImage"] img {border-radius: 0.6rem}
@@ -171,6 +174,8 @@ def model_summary(captioner: Captioner) -> str:
     info, bundle = captioner.bundle.info, captioner.bundle
     parts = [f"encoder **{bundle.encoder['name']}**", f"{len(bundle.vocab):,} words",
              f"runs on {runtime_name(captioner)}"]
+    if captioner.grid_shape:
+        parts.insert(1, "attends over {}×{} regions".format(*captioner.grid_shape))
     if trained_on := (info.get("dataset") or {}).get("train_images"):
         parts.append(f"trained on {trained_on:,} photos")
     if (bleu4 := (info.get("best") or {}).get("val_bleu4")) is not None:
@@ -235,24 +240,58 @@ def captions_for(captioner: Captioner, model_key: str, photos: Sequence[Photo],
     return [replace(memo[key], source=name) for key, (name, _) in zip(keys, photos)]
 
 
-def show_result(photo: Photo, result: CaptionResult, options: DecodeOptions) -> None:
-    """One photo's card: the picture, its caption in large type, the beams on request; or its error."""
+@st.cache_data(show_spinner=False, max_entries=64)
+def photo_preview(data: bytes) -> Image.Image:
+    """The photo upright and shrunk to draw attention over (decoded once per photo)."""
+    return attention_maps.preview(data, PREVIEW_SIDE)
+
+
+def show_result(photo: Photo, result: CaptionResult, options: DecodeOptions, key: str) -> None:
+    """One photo's card: the picture, its caption in large type, where an attention model looked
+    for each word, the beams on request; or its error."""
     name, data = photo
     if not result.ok:
         st.error(f"**{name}** could not be captioned: {result.error}", icon=":material/broken_image:")
         return
-    st.image(data, width="stretch")
+    picture = st.empty()  # filled below, once the chosen word is known
     st.subheader(sentence(result.caption), anchor=False)
     best = result.beams[0]
     st.caption(f"{name} · {describe_settings(options)} · {best.word_probability:.0%} per word",
                help=PER_WORD_HELP)
     show_recognition(result)
+    word = None if result.attention is None else attention_words(data, result, key)
+    if word is None:
+        picture.image(data, width="stretch")
+    else:
+        picture.image(attention_maps.overlay(photo_preview(data), result.attention[word]), width="stretch",
+                      caption=f"Where the model looked for “{result.caption.split()[word]}”")
     if len(result.beams) > 1:
         with st.expander(f"Top {len(result.beams)} beams"):
             st.markdown("\n".join(beam_line(rank, beam) for rank, beam in enumerate(result.beams, 1)))
             st.caption(PER_WORD_HELP)
 
 
+def attention_words(data: bytes, result: CaptionResult, key: str) -> int | None:
+    """The caption's words to pick from, and the strip of where the model looked for each;
+    returns the picked word's position, or None."""
+    words = result.caption.split()
+    labels = word_labels(words)
+    # The caption is part of the key: a new caption starts with no word picked.
+    word = st.pills("Where did it look? Pick a word", list(range(len(words))), format_func=labels.__getitem__,
+                    key=f"word-{key}-{slug(result.caption)}", help=ATTENTION_HELP)
+    st.image(attention_maps.strip(photo_preview(data), words, result.attention, THUMB_SIDE, columns=3),
+             width="stretch", caption="Every word: brighter where the model looked more")
+    return word
+
+
+def word_labels(words: Sequence[str]) -> list[str]:
+    """The words as distinct labels: Streamlit tells options apart by label, so a repeated word
+    ("a ... a ...") gets zero-width spaces, one more each time, and looks the same."""
+    return [word + "\u200b" * words[:i].count(word) for i, word in enumerate(words)]
+
+
+ATTENTION_HELP = ("While writing each word, the model weighs the regions of the photo's feature map; the "
+                  "heatmap shows those weights, brightest where it looked most for that word.")
 PER_WORD_HELP = ("How sure the model was, per word: the geometric mean of the probabilities it gave each "
                  "word of the sentence (and its end). Beams are ranked by log-probability over length^α.")
 
@@ -357,7 +396,7 @@ def main() -> None:
             i = start + offset
             if i < len(photos):
                 with column.container(border=True, key=f"result-{i}"):
-                    show_result(photos[i], results[i], options)
+                    show_result(photos[i], results[i], options, str(i))
 
 
 if __name__ == "__main__":  # `streamlit run` executes the page as __main__; tests import the helpers

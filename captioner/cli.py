@@ -119,6 +119,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=1, metavar="N",
                    help="also give the N best beams, ranked by score (beam search only)")
     p.add_argument("--batch-size", type=int, default=32, help="photos encoded at once (default 32)")
+    p.add_argument("--save-attention", metavar="DIR",
+                   help="attention models: also write a PNG per photo into DIR, where the model looked for "
+                   "each word (one heatmap per word, the word under it)")
     _model_option(p)
     _decoding_options(p)
 
@@ -271,6 +274,8 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--resume and --overwrite: choose one")
         if args.batch_size < 1:
             raise UsageError("--batch-size: must be at least 1")
+        if args.save_attention:
+            _check_attention_output(args)
     if args.command == "train":
         if args.init and not args.scst:
             raise UsageError("--init: starts self-critical training; add --scst")
@@ -283,6 +288,21 @@ def check_args(args: argparse.Namespace) -> None:
         if not Path(args.data).exists():
             raise UsageError(f"--data: no dataset at {args.data} (the default); download Flickr8k there "
                              "(see README, 'Train and evaluate') or give --data DIR")
+
+
+def _check_attention_output(args: argparse.Namespace) -> None:
+    """--save-attention needs a folder to write to and a model with attention (read from the
+    bundle's config, without TensorFlow)."""
+    from captioner.bundle import load_bundle
+
+    folder = Path(args.save_attention)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--save-attention: {args.save_attention}: exists and is not a folder")
+    model = args.model or paths.default_model()
+    model_type = load_bundle(model, load_decoder=False).model_type
+    if model_type != "show-attend-tell":
+        raise UsageError(f"--save-attention: {model} is a {model_type} model, which has no attention maps "
+                         "(use a bundle trained with --model-type show-attend-tell)")
 
 
 def _encoder(args: argparse.Namespace):
@@ -298,10 +318,13 @@ def _cache_dir(args: argparse.Namespace) -> Path:
 def cmd_caption(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
+    from captioner import attention_maps
     from captioner.images import iter_image_files
     from captioner.output import RowWriter, display_name, terminal_text
 
     photos = [str(p) for p in iter_image_files(args.paths, args.recursive)]
+    # Named from all photos, so a photo's picture keeps its name when --resume skips others.
+    map_names = attention_maps.file_names(photos) if args.save_attention else {}
     writer = RowWriter(args.output, args.top, args.resume, args.overwrite) if args.output else None
     try:
         if writer and writer.done:
@@ -328,6 +351,9 @@ def cmd_caption(args: argparse.Namespace) -> int:
                     bar.write(f"warning: {terminal_text(result.source)}: {UNFAMILIAR} (familiarity "
                               f"{result.familiarity:.2f}, below the model's {result.familiarity_threshold:.2f})",
                               file=sys.stderr)
+                if map_names and result.ok:
+                    picture = attention_maps.strip(result.source, result.caption.split(), result.attention)
+                    attention_maps.save_png(picture, Path(args.save_attention) / map_names[result.source])
                 if writer:
                     writer.write(result)
                 elif result.caption is not None:
@@ -341,7 +367,8 @@ def cmd_caption(args: argparse.Namespace) -> int:
             writer.close()
     elapsed = time.time() - started
     print(f"captioned {len(photos) - failed} of {len(photos)} photos in {elapsed:.1f} s"
-          + (f"; {failed} failed" if failed else ""), file=sys.stderr)
+          + (f"; {failed} failed" if failed else "")
+          + (f"; attention maps in {terminal_text(args.save_attention)}" if map_names else ""), file=sys.stderr)
     return 1 if failed else 0
 
 

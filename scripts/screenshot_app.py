@@ -2,9 +2,11 @@
 
     python scripts/screenshot_app.py --model runs/x/model               # -> docs/app.png
     python scripts/screenshot_app.py --model runs/x/model a.jpg b.png   # your own photos
+    python scripts/screenshot_app.py --model runs/attend/model --word 3 --output docs/app-attention.png
 
 Without photos it draws three pictures of shapes and adds one broken file, so the picture shows
-captions and an error. tests/test_app_browser.py drives the page through these same functions,
+captions and an error. With `--word N` (an attention model) it picks the first photo's word N
+(from 0), so the picture shows where the model looked for it. tests/test_app_browser.py drives the page through these same functions,
 so the README's screenshot is what CI checks. Needs Debian's `chromium` and Playwright's Python package.
 """
 from __future__ import annotations
@@ -20,6 +22,7 @@ import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -75,9 +78,16 @@ def _healthy(url: str) -> bool:
         return False
 
 
-def capture_app(url: str, photos: Sequence[str | Path], screenshot: str | Path, timeout: float = 120) -> list[str]:
-    """Upload `photos` to the page at `url`, wait until each has a caption or an error, save a
-    screenshot of the whole page, and return what the page shows for each photo, in order."""
+class Shown(NamedTuple):
+    cards: list[str]  # what the page shows for each photo, in order: its caption or its error
+    heatmap: str | None = None  # the caption under the picked word's heatmap
+
+
+def capture_app(url: str, photos: Sequence[str | Path], screenshot: str | Path, timeout: float = 120,
+                word: int | None = None) -> Shown:
+    """Upload `photos` to the page at `url`, wait until each has a caption or an error, pick the
+    first photo's `word` (attention models), save a screenshot of the whole page, and return what
+    the page shows."""
     from playwright.sync_api import sync_playwright
 
     timeout_ms = timeout * 1000
@@ -92,6 +102,18 @@ def capture_app(url: str, photos: Sequence[str | Path], screenshot: str | Path, 
             for card in cards:
                 card.wait_for(timeout=timeout_ms)
             page.locator("[data-testid=stStatusWidget]").wait_for(state="hidden", timeout=timeout_ms)
+            heatmap = None
+            if word is not None:
+                page.locator(".st-key-result-0 [data-testid=stButtonGroup] button[role=radio]").nth(word).click()
+                caption = page.locator(".st-key-result-0 [data-testid=stImageCaption]",
+                                       has_text="Where the model looked for").first
+                caption.wait_for(timeout=timeout_ms)
+                # Until the rerun ends, the card holds the old elements too: wait for the heatmap
+                # and the strip, and nothing stale.
+                page.wait_for_function("document.querySelectorAll('.st-key-result-0 [data-testid=stImageCaption]')"
+                                       ".length === 2 && !document.querySelector('.st-key-result-0 [data-stale=true]')",
+                                       timeout=timeout_ms)
+                heatmap = caption.inner_text().strip()
             beams = page.locator(".st-key-result-0 [data-testid=stExpander] summary")
             if beams.count():  # show off the first photo's beams
                 beams.click()
@@ -104,7 +126,7 @@ def capture_app(url: str, photos: Sequence[str | Path], screenshot: str | Path, 
             page.set_viewport_size({"width": WIDTH, "height": min(max(int(height) + 40, 900), 4000)})
             page.wait_for_timeout(500)  # let the layout settle at the new size
             page.screenshot(path=str(screenshot))
-            return [card.inner_text().strip() for card in cards]
+            return Shown([card.inner_text().strip() for card in cards], heatmap)
         finally:
             browser.close()
 
@@ -134,15 +156,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("photos", nargs="*", help="photos to upload (default: generated shapes and a broken file)")
     parser.add_argument("--model", required=True, help="model bundle directory the page loads")
     parser.add_argument("--output", default=str(ROOT / "docs" / "app.png"), help="screenshot file (PNG)")
+    parser.add_argument("--word", type=int, metavar="N",
+                        help="attention models: show where the model looked for word N (from 0) of the first photo")
     args = parser.parse_args(argv)
     if not CHROMIUM.exists():
         parser.error(f"{CHROMIUM} not found; install it with: apt-get install -y chromium chromium-driver")
     with tempfile.TemporaryDirectory() as tmp:
         photos = args.photos or demo_photos(tmp)
         with serve_app(args.model, Path(tmp) / "streamlit.log") as url:
-            shown = capture_app(url, photos, args.output)
-    for photo, text in zip(photos, shown):
+            shown = capture_app(url, photos, args.output, word=args.word)
+    for photo, text in zip(photos, shown.cards):
         print(f"{Path(photo).name}: {text}")
+    if shown.heatmap:
+        print(shown.heatmap)
     print(f"screenshot written to {args.output}")
     return 0
 

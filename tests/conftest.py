@@ -42,6 +42,17 @@ def trained_run(shapes, tiny_encoder, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def attend_run(shapes, tiny_encoder, tmp_path_factory):
+    """A tiny Show, Attend and Tell model trained on the generated train split (attention maps)."""
+    from captioner.training import TrainConfig, train
+
+    out = tmp_path_factory.mktemp("attend")
+    # Best epoch by dev loss: steadier than the BLEU of 30 dev photos, and no decoding per epoch.
+    config = TrainConfig.preset("tiny", model_type="show-attend-tell", attention_dim=64, epochs=20, monitor="loss")
+    return out, train(shapes, tiny_encoder, out, config, cache_dir=out / "cache", verbose=0)
+
+
+@pytest.fixture(scope="session")
 def trained_captioner(trained_run, tiny_encoder):
     from captioner.captioner import Captioner
 

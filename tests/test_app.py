@@ -16,6 +16,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
+from captioner import attention_maps
 from captioner.captioner import Captioner
 from captioner.encoder import ImageEncoder
 from captioner.runtime_litert import LiteRTEncoder
@@ -284,3 +285,56 @@ def test_sidebar_says_what_runs_and_what_it_took(bundle_dir):
     at.checkbox(key="example-chelsea").check().run()
     [timing] = [c.value for c in at.sidebar.caption if c.value.startswith("Last run: 1 photo in ")]
     assert " ms a photo on LiteRT" in timing
+
+
+@pytest.fixture
+def attention_dir(attend_run, monkeypatch):
+    """The tiny attention bundle, made the page's default model."""
+    model = attend_run[0] / "model"
+    monkeypatch.setenv("CAPTIONER_MODEL", str(model))
+    return model
+
+
+def test_an_attention_model_shows_where_it_looked_for_each_word(attention_dir, app, monkeypatch, tmp_path):
+    drawn: list[np.ndarray] = []  # the weights of every heatmap the page draws
+
+    def spy(photo, weights, *args, **kwargs):
+        drawn.append(np.asarray(weights))
+        return original(photo, weights, *args, **kwargs)
+
+    original = attention_maps.overlay
+    monkeypatch.setattr(attention_maps, "overlay", spy)
+    files = [("one.png", picture(41, size=160))]
+    [expected] = Captioner.load(attention_dir).caption(write(tmp_path, files), num_results=3)
+    words = expected.caption.split()
+
+    at = open_page()
+    at.file_uploader(key="uploads").set_value([(n, d, "image/png") for n, d in files]).run()
+    assert not at.exception, at.exception
+    assert captions(at) == [app.sentence(expected.caption)]
+    [chooser] = at.main.pills
+    assert [label.replace("\u200b", "") for label in chooser.options] == words
+    assert chooser.value is None  # the photo as it is, then the strip of every word's map
+    card = [i.captions for i in at.main.image][len(app.EXAMPLES):]  # after the examples' pictures
+    assert card == [[""], ["Every word: brighter where the model looked more"]]
+    assert len(drawn) == len(words)
+    for weights, word_map in zip(drawn, expected.attention):
+        np.testing.assert_allclose(weights, word_map, atol=1e-5)
+
+    # The last word repeated in the caption if there is one: repeats must be told apart.
+    pick = max((i for i, w in enumerate(words) if w in words[:i]), default=len(words) - 1)
+    drawn.clear()
+    chooser.set_value(pick).run()
+    assert not at.exception, at.exception
+    assert at.main.pills[0].value == pick
+    heatmap_caption = f"Where the model looked for “{words[pick]}”"
+    assert [i.captions for i in at.main.image][len(app.EXAMPLES)] == [heatmap_caption]
+    assert len(drawn) == len(words) + 1  # the strip, then the picked word's map over the photo
+    np.testing.assert_allclose(drawn[-1], expected.attention[pick], atol=1e-5)
+    assert any("runs on TensorFlow" in c.value for c in at.sidebar.caption)
+
+
+def test_repeated_words_get_distinct_labels_that_look_the_same(app):
+    labels = app.word_labels(["a", "red", "circle", "and", "a", "red", "square"])
+    assert len(set(labels)) == 7
+    assert [label.replace("\u200b", "") for label in labels] == ["a", "red", "circle", "and", "a", "red", "square"]

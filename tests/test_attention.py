@@ -23,8 +23,6 @@ from captioner.quiet_tensorflow import keras
 from captioner.runtime_tf import TensorFlowStep
 from captioner.synthetic import COLOURS, SHAPES, Scene, Shape, render_scene
 from captioner.text import Vocabulary
-from captioner.train_config import TrainConfig
-from captioner.training import train
 
 TINY = {"name": "tiny", "weights_id": "random:seed=0", "image_size": 64, "feature_dim": 64}
 
@@ -273,16 +271,8 @@ def test_the_attention_caption_path_imports_neither_tensorflow_nor_keras(litert_
 
 
 # ---------------------------------------------------------------------------
-# A tiny attention model trained on the shapes (the slower tests)
+# A tiny attention model trained on the shapes (the slower tests; `attend_run` is in conftest.py)
 # ---------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def attend_run(shapes, tiny_encoder, tmp_path_factory):
-    out = tmp_path_factory.mktemp("attend")
-    # Best epoch by dev loss: steadier than the BLEU of 30 dev photos, and no decoding per epoch.
-    config = TrainConfig.preset("tiny", model_type="show-attend-tell", attention_dim=64, epochs=20, monitor="loss")
-    return out, train(shapes, tiny_encoder, out, config, cache_dir=out / "cache", verbose=0)
 
 
 @pytest.mark.slow

@@ -57,11 +57,18 @@ def make_photos(folder: Path) -> dict[str, str | None]:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
+def runs(tmp_path_factory, trained_run, attend_run) -> dict[str, Run]:
     base = tmp_path_factory.mktemp("cli")
     photos = base / "photos"
     expected = make_photos(photos)
     model = str(trained_run[0] / "model")
+    attend_model = str(attend_run[0] / "model")
+    # Two photos of the same name in two folders, and a broken one, for --save-attention.
+    for folder in ("a", "b"):
+        (base / "same" / folder).mkdir(parents=True)
+    (base / "same" / "a" / "x.jpg").write_bytes((photos / "good_0.jpg").read_bytes())
+    (base / "same" / "b" / "x.jpg").write_bytes((photos / "good_1.jpg").read_bytes())
+    (base / "same" / "b" / "broken.jpg").write_bytes((photos / "broken.jpg").read_bytes())
     # a JSONL file left by a run killed after two rows, in the middle of the third
     partial = base / "partial.jsonl"
     kept = [{**dict.fromkeys(OUTPUT_FIELDS), "image": str(photos / "good_0.jpg"), "caption": "a kept caption",
@@ -106,6 +113,10 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
         "bad output": ["caption", str(photos), "-o", str(base / "out.txt")],
         "foreign resume": ["caption", str(photos), "-o", str(base / "foreign.csv"), "--resume"],
         "no command": [],
+        "attention maps": ["caption", str(base / "same"), "-r", "--model", attend_model,
+                           "--save-attention", str(base / "maps")],
+        "attention without attention": ["caption", str(photos), "--model", model,
+                                        "--save-attention", str(base / "no-maps")],
         **{f"help {name}": [name, "--help"] for name in SUBCOMMANDS},
         "help": ["--help"],
     }
@@ -114,7 +125,7 @@ def runs(tmp_path_factory, trained_run) -> dict[str, Run]:
     env = {**{k: v for k, v in os.environ.items() if not k.startswith("TF_")},
            "CAPTIONER_HOME": str(base / "home"), "PYTHONPATH": str(ROOT), "TF_ENABLE_ONEDNN_OPTS": "1"}
     needs_no_model = {"missing model", "bad value", "resume without output", "top greedy", "existing output",
-                      "bad output", "foreign resume"}
+                      "bad output", "foreign resume", "attention without attention"}
 
     def run(name: str, args: list[str]) -> Run:
         path = f"{poison}{os.pathsep}{ROOT}" if name in needs_no_model else str(ROOT)
@@ -236,6 +247,7 @@ def test_top_beams_in_csv_and_jsonl(runs):
         ("resume without output", "--resume: continues an --output file; give -o FILE"),
         ("top greedy", "--top: 2 beams need --method beam"),
         ("existing output", "taken.csv: already exists; add --resume to continue it or --overwrite to replace it"),
+        ("attention without attention", "--save-attention: "),
     ],
 )
 def test_user_errors_are_one_line(runs, name, message):
@@ -308,3 +320,36 @@ def test_extract_features_fills_the_cache_training_reads(shapes_root, tiny_encod
     for image_id in dataset.splits["dev"]:
         vector = cache.get(content_key(dataset.images[image_id]))
         assert vector is not None and vector.shape == cache.shape
+
+
+def test_attention_maps_are_written_one_png_per_photo(runs, attend_run):
+    """Photos of the same name get distinct files; a broken photo gets none; each file is the
+    strip of that photo's words, drawn from its attention."""
+    base, _, _ = runs["meta"]
+    run = runs["attention maps"]
+    no_traceback(run)
+    assert run.returncode == 1  # the broken photo
+    assert f"attention maps in {base / 'maps'}" in run.stderr
+    assert sorted(os.listdir(base / "maps")) == ["x-2.png", "x.png"]  # a/x.jpg, then b/x.jpg; no temporaries
+    captions = dict(line.split("\t") for line in run.stdout.splitlines())
+    from captioner.attention_maps import strip
+    from captioner.captioner import Captioner
+
+    captioner = Captioner.load(attend_run[0] / "model")
+    for folder, name in (("a", "x.png"), ("b", "x-2.png")):
+        photo = base / "same" / folder / "x.jpg"
+        result = captioner.caption(str(photo))
+        assert captions[str(photo)] == result.caption
+        with Image.open(base / "maps" / name) as written:
+            assert written.format == "PNG"
+            expected = strip(str(photo), result.caption.split(), result.attention)
+            assert written.size == expected.size
+            difference = np.abs(np.asarray(written.convert("RGB"), np.int16) - np.asarray(expected, np.int16))
+            assert difference.max() <= 2  # the same picture (float rounding in another process aside)
+
+
+def test_attention_maps_need_an_attention_model(runs):
+    base, _, _ = runs["meta"]
+    [line] = runs["attention without attention"].stderr.strip().splitlines()
+    assert "is a show-and-tell model, which has no attention maps" in line
+    assert not (base / "no-maps").exists()

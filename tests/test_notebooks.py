@@ -1,7 +1,8 @@
-"""The notebooks: committed clean, and both run top to bottom on the generated demo set.
+"""The notebooks: committed clean, and all run top to bottom on the generated demo set.
 
-The run test executes 01_train (tiny encoder and preset, a few epochs) and then 02_evaluate on the
-bundle it saved, papermill-style: a cell injected after the `parameters` cell overrides the settings.
+The run test executes 01_train (tiny encoder and preset, a few epochs), then 02_evaluate on the
+bundle it saved, then 03_attention (which trains a tiny attention model on the same demo set),
+papermill-style: a cell injected after the `parameters` cell overrides the settings.
 Everything it writes goes to a temporary folder; nothing is downloaded and Flickr8k is never read.
 """
 from __future__ import annotations
@@ -18,10 +19,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 NOTEBOOKS = ROOT / "notebooks"
-NAMES = ("01_train.ipynb", "02_evaluate.ipynb")
+NAMES = ("01_train.ipynb", "02_evaluate.ipynb", "03_attention.ipynb")
 KERNEL = "captioner-notebook-test"
 DECODINGS = ("greedy", "beam 1", "beam 3", "beam 5")
 EPOCHS = 6
+ATTENTION_EPOCHS = 8
 
 _spec = importlib.util.spec_from_file_location("check_notebooks", ROOT / "scripts" / "check_notebooks.py")
 check_notebooks = importlib.util.module_from_spec(_spec)
@@ -107,7 +109,8 @@ def figures(nb: nbformat.NotebookNode) -> int:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Both notebooks executed: 01 on a demo set it generates, then 02 on the bundle 01 saved."""
+    """The notebooks executed: 01 on a demo set it generates, 02 on the bundle 01 saved, 03 on the
+    same demo set."""
     tmp = tmp_path_factory.mktemp("notebooks")
     # A kernel spec for this interpreter, so the kernel sees the same packages as the tests.
     spec_dir = tmp / "jupyter" / "kernels" / KERNEL
@@ -140,14 +143,21 @@ def runs(tmp_path_factory):
             "GRID": 4,
         })
         ended = time.perf_counter()
-    print(f"01_train {middle - started:.1f} s, 02_evaluate {ended - middle:.1f} s")
-    return tmp, train, evaluate
+        attention = execute("03_attention.ipynb", {
+            "DEMO_DIR": str(tmp / "shapes"),
+            "EPOCHS": ATTENTION_EPOCHS,
+            "OUTPUT_DIR": str(tmp / "attention"),
+            "PHOTOS": 2,
+        })
+    print(f"01_train {middle - started:.1f} s, 02_evaluate {ended - middle:.1f} s, "
+          f"03_attention {time.perf_counter() - ended:.1f} s")
+    return tmp, train, evaluate, attention
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_train_notebook_generates_data_trains_and_saves_a_bundle(runs):
-    tmp, train, _ = runs
+    tmp, train, _, _ = runs
     assert (tmp / "shapes" / "dataset_shapes.json").is_file()
     from captioner.bundle import load_bundle
 
@@ -168,7 +178,7 @@ def test_train_notebook_generates_data_trains_and_saves_a_bundle(runs):
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_evaluate_notebook_scores_the_trained_bundle(runs):
-    tmp, _, evaluate = runs
+    tmp, _, evaluate, _ = runs
     text = output_text(evaluate)
     assert f"evaluating on {(tmp / 'shapes').resolve()}" in text
     scores = {}
@@ -181,3 +191,19 @@ def test_evaluate_notebook_scores_the_trained_bundle(runs):
     assert scores["greedy"] == scores["beam 1"]  # width 1 is greedy decoding
     assert "distinct captions for 20 photos" in text
     assert figures(evaluate) >= 5  # BLEU bars, grid, best, worst, error analysis
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_attention_notebook_trains_an_attention_model_and_draws_its_maps(runs):
+    tmp, _, _, attention = runs
+    from captioner.bundle import load_bundle
+
+    assert load_bundle(tmp / "attention" / "model", load_decoder=False).model_type == "show-attend-tell"
+    text = output_text(attention)
+    assert "show-attend-tell, encoder tiny, attends over 8×8 regions" in text
+    assert "saved 2 pictures in" in text
+    assert "of the colour word's attention on its quarter" in text or "named the shape's colour in 0 of" in text
+    pictures = sorted((tmp / "attention" / "maps").glob("*.png"))
+    assert len(pictures) == 2
+    assert figures(attention) >= 4  # two strips, the word beside its photo, the corner check
