@@ -308,8 +308,7 @@ def test_odd_file_names_neither_stop_the_batch_nor_forge_lines(runs):
 @pytest.mark.parametrize("grid", [False, True])
 def test_extract_features_fills_the_cache_training_reads(shapes_root, tiny_encoder, tmp_path, grid):
     from captioner.data import load_dataset
-    from captioner.encoder import GridEncoder
-    from captioner.features import FeatureCache, content_key
+    from captioner.features import FeatureCache, GridEncoder, content_key
 
     cache_dir = tmp_path / "cache"
     assert main(["extract-features", "--data", str(shapes_root), "--split", "dev", "--encoder", "tiny",
