@@ -27,6 +27,7 @@ def test_content_key_is_the_bytes_not_the_name(tmp_path):
     a, b = write_photos(tmp_path, [(1, 2, 3), (1, 2, 4)])
     (tmp_path / "renamed.png").write_bytes((tmp_path / "p0.png").read_bytes())
     assert content_key(a) == content_key(tmp_path / "renamed.png") != content_key(b)
+    assert content_key((tmp_path / "p0.png").read_bytes()) == content_key(a)  # an upload of the file
     pixels = np.zeros((2, 2, 3), np.uint8)
     assert content_key(pixels) == content_key(pixels.copy()) != content_key(pixels.astype(np.float32))
     assert content_key(Image.fromarray(pixels)) == content_key(Image.fromarray(pixels.copy()))
