@@ -22,9 +22,7 @@ import contextlib
 import dataclasses
 import json
 import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fastapi import FastAPI, Request
@@ -162,7 +160,7 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
 
     state: dict[str, Any] = {"captioner": None, "status": "loading"}
 
-    def caption_pass(sources: list[str], options: DecodeOptions) -> list[CaptionResult]:
+    def caption_pass(sources: list[bytes], options: DecodeOptions) -> list[CaptionResult]:
         # One encoder pass and one decoder pass for the whole batch.
         return list(state["captioner"].iter_captions(sources, options, batch_size=limits.max_batch,
                                                      max_pixels=limits.max_pixels))
@@ -228,20 +226,19 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
             raise RequestError(408, f"request body not received within {limits.request_timeout_s:g} s") from None
 
     async def caption(named: list[tuple[str, bytes]], options: DecodeOptions, until: float) -> list[dict]:
-        """Rows for (name, bytes) photos, in order; the bytes go through temporary files so the
-        package's loader does every check it does for files on disk."""
-        with tempfile.TemporaryDirectory(prefix="captioner-serve-") as tmp:
-            paths = await asyncio.to_thread(_write_photos, Path(tmp), [d for _, d in named])
-            try:
-                async with asyncio.timeout_at(until):
-                    results = await batcher.submit(paths, options, shareable=options.method != "sample")
-            except TimeoutError:
-                raise RequestError(503, f"not captioned within {limits.request_timeout_s:g} s; the server is "
-                                   "busy, try again later") from None
-            except BatcherBusy:
-                raise RequestError(503, "the server is busy; try again later") from None
-            except BatcherClosed:
-                raise RequestError(503, "the server is shutting down") from None
+        """Rows for (name, bytes) photos, in order. The loader checks the bytes as it checks a
+        file on disk (formats, pixels, corruption); nothing is written to disk."""
+        try:
+            async with asyncio.timeout_at(until):
+                results = await batcher.submit([data for _, data in named], options,
+                                               shareable=options.method != "sample")
+        except TimeoutError:
+            raise RequestError(503, f"not captioned within {limits.request_timeout_s:g} s; the server is "
+                               "busy, try again later") from None
+        except BatcherBusy:
+            raise RequestError(503, "the server is busy; try again later") from None
+        except BatcherClosed:
+            raise RequestError(503, "the server is shutting down") from None
         return [row(dataclasses.replace(result, source=name), options.num_results)
                 for (name, _), result in zip(named, results)]
 
@@ -355,16 +352,6 @@ def _instance_bytes(index: int, instance: Any) -> bytes:
         return base64.b64decode(instance["b64"], validate=True)
     except (binascii.Error, ValueError):
         raise RequestError(400, f"instances[{index}]: b64 is not valid base64") from None
-
-
-def _write_photos(folder: Path, photos: list[bytes]) -> list[str]:
-    """Write each photo to `folder/<index>` (the client's name never becomes a path); their paths.
-    The loader then does every check it does for files on disk: formats, pixels, corruption."""
-    paths = []
-    for i, data in enumerate(photos):
-        (folder / f"{i:05d}").write_bytes(data)
-        paths.append(str(folder / f"{i:05d}"))
-    return paths
 
 
 def _version() -> str:
