@@ -12,7 +12,7 @@ from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
 from captioner.features import FeatureCache, iter_features
-from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
+from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source, load_image
 
 RUNTIMES = ("auto", "litert", "litert-float", "tf")
 
@@ -167,6 +167,12 @@ class Captioner:
             for i in sorted([*hyps, *errors]):
                 name = describe_source(images[i])
                 yield CaptionResult(name, error=errors[i].reason) if i in errors else self._result(name, hyps[i])
+
+    def load_photo(self, source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """`source` decoded as the encoder takes it (uint8 RGB, squashed to its size), or
+        `ImageError`. Captioning the array gives the photo's caption; decoding photos ahead (a
+        server, as uploads arrive) lets that work overlap the networks' passes of other photos."""
+        return load_image(source, self.feature_encoder.image_size, max_pixels)
 
     def decode_features(self, features: np.ndarray, options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
         """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models) with this
