@@ -143,7 +143,7 @@ class Captioner:
     def caption(self, images: ImageSource | Sequence[ImageSource], options: DecodeOptions | None = None,
                 batch_size: int = 32, **overrides) -> CaptionResult | list[CaptionResult]:
         """Caption one photo (returns a result; raises `ImageError` if unusable) or a list of them
-        (returns a result per photo, failures included). Sources: paths, PIL images, RGB arrays.
+        (returns a result per photo, failures included). Sources: paths, file bytes, PIL images, RGB arrays.
 
         `options` (default: the model's) with `overrides` of its fields: method ("beam", "greedy",
         "sample"), beam_size, max_len, length_penalty, temperature, seed, num_results.

@@ -107,7 +107,7 @@ def test_in_memory_sources_are_cached_by_pixels():
 
 
 def test_an_unsupported_source_fails_alone(tmp_path):
-    # only paths, PIL images and arrays are sources: anything else (here an upload's file object)
+    # only paths, bytes, PIL images and arrays are sources: anything else (here an upload's file object)
     # is that item's error, not the end of the whole batch
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, "PNG")
