@@ -13,7 +13,7 @@ from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
 from captioner.familiarity import pooled
 from captioner.features import FeatureCache, GridEncoder, iter_features
-from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source
+from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source, load_image
 from captioner.recognition import ImageNetHead, Labels
 
 RUNTIMES = ("auto", "litert", "litert-float", "tf")
@@ -155,7 +155,7 @@ class Captioner:
     def caption(self, images: ImageSource | Sequence[ImageSource], options: DecodeOptions | None = None,
                 batch_size: int = 32, **overrides) -> CaptionResult | list[CaptionResult]:
         """Caption one photo (returns a result; raises `ImageError` if unusable) or a list of them
-        (returns a result per photo, failures included). Sources: paths, PIL images, RGB arrays.
+        (returns a result per photo, failures included). Sources: paths, file bytes, PIL images, RGB arrays.
 
         `options` (default: the model's) with `overrides` of its fields: method ("beam", "greedy",
         "sample"), beam_size, max_len, length_penalty, temperature, seed, num_results.
@@ -195,6 +195,12 @@ class Captioner:
             for fields, score in zip(about, familiarity.scores(vectors)):
                 fields.update(familiarity=float(score), familiarity_threshold=familiarity.threshold)
         return about
+
+    def load_photo(self, source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+        """`source` decoded as the encoder takes it (uint8 RGB, squashed to its size), or
+        `ImageError`. Captioning the array gives the photo's caption; decoding photos ahead (a
+        server, as uploads arrive) lets that work overlap the networks' passes of other photos."""
+        return load_image(source, self.feature_encoder.image_size, max_pixels)
 
     def decode_features(self, features: np.ndarray, options: DecodeOptions | None = None) -> list[list[Hypothesis]]:
         """Decode precomputed features [N, D] (grids [N, H*W, C] for attention models) with this

@@ -33,7 +33,9 @@ _DECODE_THREADS = min(8, 2 * (os.cpu_count() or 1))
 def content_key(source: ImageSource) -> str:
     """A hash of what the photo is: its file bytes, or its pixels for in-memory images."""
     h = hashlib.sha256()
-    if isinstance(source, np.ndarray):
+    if isinstance(source, bytes):  # a file's contents: the key the file itself gets
+        h.update(source)
+    elif isinstance(source, np.ndarray):
         h.update(f"{source.shape}{source.dtype}".encode())
         h.update(np.ascontiguousarray(source).tobytes())
     elif isinstance(source, Image.Image):

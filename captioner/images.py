@@ -1,6 +1,7 @@
 """Robust photo loading: any file a user has becomes an upright RGB array, or an `ImageError`."""
 from __future__ import annotations
 
+import io
 import os
 import stat
 import threading
@@ -45,7 +46,8 @@ LOADER_VERSION = 2
 _REDUCE_AS = {"1": "L", "P": "RGBA", "PA": "RGBA", "I;16": "I", "I;16B": "I", "I;16L": "I", "I;16N": "I"}
 _OPEN_LOCK = threading.Lock()
 
-ImageSource = Union[str, os.PathLike, Image.Image, np.ndarray]
+# bytes: a file's contents already in memory (an upload), checked as the file would be.
+ImageSource = Union[str, os.PathLike, bytes, Image.Image, np.ndarray]
 
 
 class ImageError(ValueError):
@@ -62,10 +64,13 @@ def describe_source(source: ImageSource) -> str:
         return str(source)
     if isinstance(source, Image.Image):
         return getattr(source, "filename", "") or "<PIL image>"
+    if isinstance(source, bytes):
+        return "<bytes>"
     return "<array>" if isinstance(source, np.ndarray) else f"<{type(source).__name__}>"
 
 
-def _open(path: Path, size: int | None, max_pixels: int) -> Image.Image:
+def _check_file(path: Path) -> None:
+    """Refuse what is not a non-empty regular file, before anything reads it."""
     name = str(path)
     try:
         info = path.stat()
@@ -81,12 +86,22 @@ def _open(path: Path, size: int | None, max_pixels: int) -> Image.Image:
         raise ImageError(name, "not a regular file")
     if info.st_size == 0:
         raise ImageError(name, "empty file (0 bytes)")
+
+
+def _open(source: Path | bytes, size: int | None, max_pixels: int) -> Image.Image:
+    """A file, or a file's bytes already in memory (an upload), opened with the same checks."""
+    name = describe_source(source)
+    if isinstance(source, bytes):
+        if not source:
+            raise ImageError(name, "empty file (0 bytes)")
+    else:
+        _check_file(source)
     try:
         # catch_warnings swaps process-wide state, so threads loading photos at once must
         # take turns; only the header is read here, decoding below runs in parallel.
         with _OPEN_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused just below
-            image = Image.open(path, formats=ALLOWED_FORMATS)
+            image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=ALLOWED_FORMATS)
         _check_pixels(image, name, max_pixels)  # before a single pixel is decoded
         if size is not None and image.format in ("JPEG", "MPO"):
             # libjpeg can decode at 1/2, 1/4 or 1/8 scale, for a fraction of the time and memory
@@ -105,18 +120,21 @@ def _open(path: Path, size: int | None, max_pixels: int) -> Image.Image:
     except MemoryError:
         raise ImageError(name, "not enough memory to decode it") from None
     except UnidentifiedImageError:
-        raise ImageError(name, _unsupported(path)) from None
+        raise ImageError(name, _unsupported(source[:16] if isinstance(source, bytes) else _head(source))) from None
     except Exception as e:  # noqa: BLE001 - corrupt data makes Pillow's decoders raise almost anything
         raise ImageError(name, f"corrupt or truncated image ({_reason(e)})") from None
 
 
-def _unsupported(path: Path) -> str:
-    """Why no allowed plugin took the file, from its first bytes (which only we read)."""
+def _head(path: Path) -> bytes:
     try:
         with path.open("rb") as f:
-            head = f.read(16)
+            return f.read(16)
     except OSError:
-        head = b""
+        return b""
+
+
+def _unsupported(head: bytes) -> str:
+    """Why no allowed plugin took the file, from its first bytes (which only we read)."""
     for fmt in ALLOWED_FORMATS:  # a supported format's signature, but a header its plugin rejected
         accept = Image.OPEN.get(fmt, (None, None))[1]
         if accept is not None and accept(head) is True:
@@ -206,10 +224,11 @@ def load_image(source: ImageSource, size: int | None = None, max_pixels: int = M
         image = _array_to_image(source, name)
     elif isinstance(source, Image.Image):
         image = source
-    elif isinstance(source, (str, os.PathLike)):
-        image = _open(Path(source), size, max_pixels)
+    elif isinstance(source, (str, os.PathLike, bytes)):
+        image = _open(source if isinstance(source, bytes) else Path(source), size, max_pixels)
     else:
-        raise ImageError(name, f"unsupported source type {type(source).__name__} (give a path, PIL image or array)")
+        raise ImageError(name, f"unsupported source type {type(source).__name__} "
+                         "(give a path, a file's bytes, a PIL image or an array)")
     try:
         image = _upright(image, name, max_pixels)
         box = None

@@ -22,11 +22,10 @@ import contextlib
 import dataclasses
 import json
 import logging
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -37,6 +36,7 @@ from starlette.requests import ClientDisconnect
 from captioner.batching import BatcherBusy, BatcherClosed, MicroBatcher, ServerLimits
 from captioner.decoding import DecodeOptions, OptionError
 from captioner.errors import first_line
+from captioner.images import ImageError
 from captioner.output import row
 
 if TYPE_CHECKING:  # captioner.captioner imports TensorFlow; the app only needs it once loading
@@ -158,14 +158,13 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
     """The FastAPI app. Give a loaded `Captioner`, or a function that loads one: it then runs in
     the background at start-up, and `/healthz` says 503 until it is done (and for good if it
     fails; `on_load_error` is told, e.g. to stop the server)."""
-    from captioner.captioner import Captioner
+    from captioner.captioner import CaptionResult, Captioner
 
     state: dict[str, Any] = {"captioner": None, "status": "loading"}
 
-    def caption_pass(sources: list[str], options: DecodeOptions) -> list[CaptionResult]:
-        # One encoder pass and one decoder pass for the whole batch.
-        return list(state["captioner"].iter_captions(sources, options, batch_size=limits.max_batch,
-                                                     max_pixels=limits.max_pixels))
+    def caption_pass(pixels: list[np.ndarray], options: DecodeOptions) -> list[CaptionResult]:
+        # One encoder pass and one decoder pass for the whole batch (photos decoded as they came).
+        return list(state["captioner"].iter_captions(pixels, options, batch_size=limits.max_batch))
 
     batcher: MicroBatcher = MicroBatcher(caption_pass, limits.batch_window_ms, limits.max_batch, limits.max_pending)
 
@@ -228,22 +227,27 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
             raise RequestError(408, f"request body not received within {limits.request_timeout_s:g} s") from None
 
     async def caption(named: list[tuple[str, bytes]], options: DecodeOptions, until: float) -> list[dict]:
-        """Rows for (name, bytes) photos, in order; the bytes go through temporary files so the
-        package's loader does every check it does for files on disk."""
-        with tempfile.TemporaryDirectory(prefix="captioner-serve-") as tmp:
-            paths = await asyncio.to_thread(_write_photos, Path(tmp), [d for _, d in named])
-            try:
-                async with asyncio.timeout_at(until):
-                    results = await batcher.submit(paths, options, shareable=options.method != "sample")
-            except TimeoutError:
-                raise RequestError(503, f"not captioned within {limits.request_timeout_s:g} s; the server is "
-                                   "busy, try again later") from None
-            except BatcherBusy:
-                raise RequestError(503, "the server is busy; try again later") from None
-            except BatcherClosed:
-                raise RequestError(503, "the server is shutting down") from None
-        return [row(dataclasses.replace(result, source=name), options.num_results)
-                for (name, _), result in zip(named, results)]
+        """Rows for (name, bytes) photos, in order. Each request decodes its own photos in a
+        worker thread as it arrives (the loader checks bytes as it checks a file: formats, pixels,
+        corruption), so decoding overlaps the pass under way; passes then run only the networks."""
+        captioner = state["captioner"]
+        try:
+            async with asyncio.timeout_at(until):
+                loaded = await asyncio.to_thread(_load_photos, captioner, [data for _, data in named],
+                                                 limits.max_pixels)
+                pixels = [p for p in loaded if not isinstance(p, ImageError)]
+                results = iter(await batcher.submit(pixels, options, shareable=options.method != "sample")
+                               if pixels else [])
+        except TimeoutError:
+            raise RequestError(503, f"not captioned within {limits.request_timeout_s:g} s; the server is "
+                               "busy, try again later") from None
+        except BatcherBusy:
+            raise RequestError(503, "the server is busy; try again later") from None
+        except BatcherClosed:
+            raise RequestError(503, "the server is shutting down") from None
+        return [row(CaptionResult(name, error=p.reason) if isinstance(p, ImageError) else
+                    dataclasses.replace(next(results), source=name), options.num_results)
+                for (name, _), p in zip(named, loaded)]
 
     def answer(key: str, rows: list[dict], image_key: Callable[[dict], Any] | None = None) -> JSONResponse:
         failed = [r for r in rows if r["error"] is not None]
@@ -357,14 +361,15 @@ def _instance_bytes(index: int, instance: Any) -> bytes:
         raise RequestError(400, f"instances[{index}]: b64 is not valid base64") from None
 
 
-def _write_photos(folder: Path, photos: list[bytes]) -> list[str]:
-    """Write each photo to `folder/<index>` (the client's name never becomes a path); their paths.
-    The loader then does every check it does for files on disk: formats, pixels, corruption."""
-    paths = []
-    for i, data in enumerate(photos):
-        (folder / f"{i:05d}").write_bytes(data)
-        paths.append(str(folder / f"{i:05d}"))
-    return paths
+def _load_photos(captioner: Captioner, photos: list[bytes], max_pixels: int) -> list[np.ndarray | ImageError]:
+    """Each photo as the encoder takes it, or why it cannot be used."""
+    loaded: list[np.ndarray | ImageError] = []
+    for data in photos:
+        try:
+            loaded.append(captioner.load_photo(data, max_pixels))
+        except ImageError as e:
+            loaded.append(e)
+    return loaded
 
 
 def _version() -> str:

@@ -27,6 +27,7 @@ def test_content_key_is_the_bytes_not_the_name(tmp_path):
     a, b = write_photos(tmp_path, [(1, 2, 3), (1, 2, 4)])
     (tmp_path / "renamed.png").write_bytes((tmp_path / "p0.png").read_bytes())
     assert content_key(a) == content_key(tmp_path / "renamed.png") != content_key(b)
+    assert content_key((tmp_path / "p0.png").read_bytes()) == content_key(a)  # an upload of the file
     pixels = np.zeros((2, 2, 3), np.uint8)
     assert content_key(pixels) == content_key(pixels.copy()) != content_key(pixels.astype(np.float32))
     assert content_key(Image.fromarray(pixels)) == content_key(Image.fromarray(pixels.copy()))
@@ -106,7 +107,7 @@ def test_in_memory_sources_are_cached_by_pixels():
 
 
 def test_an_unsupported_source_fails_alone(tmp_path):
-    # only paths, PIL images and arrays are sources: anything else (here an upload's file object)
+    # only paths, bytes, PIL images and arrays are sources: anything else (here an upload's file object)
     # is that item's error, not the end of the whole batch
     buffer = io.BytesIO()
     Image.new("RGB", (4, 4)).save(buffer, "PNG")

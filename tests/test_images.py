@@ -207,6 +207,19 @@ def test_unusable_files(tmp_path, name, make, reason):
         load_image(path)
     assert str(info.value).startswith(f"{path}: ") and reason in info.value.reason
     assert "\n" not in str(info.value)
+    if path.is_file():  # the same bytes in memory (an upload) are refused for the same reason
+        with pytest.raises(ImageError) as in_memory:
+            load_image(path.read_bytes())
+        assert (in_memory.value.source, in_memory.value.reason) == ("<bytes>", info.value.reason)
+
+
+def test_a_files_bytes_load_as_the_file_does(tmp_path):
+    path = saved(Image.fromarray(RNG.integers(0, 256, (300, 400, 3), dtype=np.uint8)), tmp_path / "a.jpg")
+    np.testing.assert_array_equal(load_image(path.read_bytes(), 64), load_image(path, 64))
+    with pytest.raises(ImageError, match="^<bytes>: image too large"):
+        load_image(path.read_bytes(), 64, max_pixels=1000)
+    with pytest.raises(ImageError, match="^<bytes>: a PDF file, not an image"):
+        load_image(b"%PDF-1.4 ...")
 
 
 def _png_bytes() -> bytes:
@@ -231,7 +244,7 @@ def test_iter_image_files(tmp_path):
     assert {".jpg", ".jpeg", ".png"} <= IMAGE_SUFFIXES
 
 
-@pytest.mark.parametrize("source", [b"\x89PNG...", io.BytesIO(b"x"), 42, None])
+@pytest.mark.parametrize("source", [bytearray(b"\x89PNG..."), io.BytesIO(b"x"), 42, None])
 def test_unsupported_source_types(source):
     with pytest.raises(ImageError, match=f"^<{type(source).__name__}>: unsupported source type"):
         load_image(source)
