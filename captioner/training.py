@@ -361,11 +361,11 @@ def train(
     it is decoded every epoch) or from the cache.
     """
     config = config or TrainConfig()
-    if (train_shards or dev_shards) and config.model_type == "show-attend-tell":
-        raise ValueError("--train-features: sharded features are pooled vectors; show-attend-tell trains on the "
-                         "spatial maps of the feature cache (captioner extract-features --grid)")
     if dev_shards and not train_shards:
         raise ValueError("dev_shards: goes with train_shards (features of both splits from shards)")
+    if train_shards and config.model_type == "show-attend-tell":
+        raise ValueError("--train-features: sharded features are pooled vectors; show-attend-tell trains on the "
+                         "spatial maps of the feature cache (captioner extract-features --grid)")
     output, resuming = start_run(output, config.seed)
     train_ids = dataset.splits.get("train", [])
     if not train_ids:

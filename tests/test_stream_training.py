@@ -158,15 +158,17 @@ def test_foreign_or_unknown_features_are_refused_with_one_line(shards, shapes_ro
     (tmp_path / "short").mkdir()
     short = _copy_shards(shards, tmp_path / "short", miscount)
     assert _train(shapes_root, tmp_path / "c", "--train-features", short) == 2
-    assert _error(capsys) == f"captioner: error: {short}-manifest.json: field 'count' is 301, the shards hold 300 records"
+    assert _error(capsys) == (f"captioner: error: {short}-manifest.json: field 'count' is 301, "
+                              "the shards hold 300 records")
 
 
 def test_flags_that_do_not_go_with_streaming_are_refused_before_any_work(shards, shapes_root, tmp_path, capsys):
     assert _train(shapes_root, tmp_path / "a", "--dev-features", shards) == 2
-    assert _error(capsys) == "captioner: error: --dev-features: goes with --train-features (features of both " \
-                             "splits from shards)"
+    assert _error(capsys) == ("captioner: error: --dev-features: goes with --train-features (features of both "
+                              "splits from shards)")
     assert _train(shapes_root, tmp_path / "b", "--scst", "--train-features", shards) == 2
-    assert _error(capsys).startswith("captioner: error: --train-features: self-critical training reads the feature cache")
+    assert _error(capsys).startswith("captioner: error: --train-features: self-critical training reads the "
+                                     "feature cache")
     assert _train(shapes_root, tmp_path / "c", "--model-type", "show-attend-tell", "--train-features", shards) == 2
     assert _error(capsys).startswith("captioner: error: --train-features: sharded features are pooled vectors")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
