@@ -146,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--distribute", choices=("none", "mirrored"), default="none",
                    help="'mirrored': split each batch over every GPU of this machine (tf.distribute); "
                    "default: one device (a GPU if there is one)")
+    p.add_argument("--train-features", metavar="PREFIX",
+                   help="stream the train split's features from the shards of `captioner beam extract-features "
+                   "--output PREFIX` (never all in memory) instead of the feature cache; the encoder defaults to "
+                   "theirs")
+    p.add_argument("--dev-features", metavar="PREFIX",
+                   help="with --train-features: read the dev split's features from these shards (may be the same "
+                   "PREFIX) instead of the feature cache")
     _train_options(p)
     _encoder_options(p)
 
@@ -283,6 +290,11 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError(f"--init: {args.init}: no such model bundle folder")
         if args.scst and args.distribute != "none":
             raise UsageError("--distribute: self-critical training runs on one device")
+        if args.scst and (args.train_features or args.dev_features):
+            raise UsageError("--train-features: self-critical training reads the feature cache "
+                             "(fill it with `captioner import-features PREFIX`)")
+        if args.dev_features and not args.train_features:
+            raise UsageError("--dev-features: goes with --train-features (features of both splits from shards)")
     if getattr(args, "data", "") is None:
         args.data = paths.default_data()
         if not Path(args.data).exists():
@@ -413,8 +425,13 @@ def cmd_train(args: argparse.Namespace) -> int:
         encoder = ImageEncoder(args.encoder or init.encoder["name"], args.encoder_weights)
         bundle = self_critical(dataset, init, encoder, args.output, config, _cache_dir(args))
     else:
+        if args.train_features:
+            from captioner.feature_shards import read_manifest
+
+            args.encoder = args.encoder or read_manifest(args.train_features)["encoder"]["name"]
         bundle = train(dataset, _encoder(args), args.output, config, _cache_dir(args),
-                       strategy=make_strategy(args.distribute))
+                       strategy=make_strategy(args.distribute), train_shards=args.train_features,
+                       dev_shards=args.dev_features)
     best = bundle.info.get("best", {})
     print(f"model saved to {Path(args.output) / 'model'}; best epoch {best.get('epoch')}: "
           + ", ".join(f"{k} {v:.3f}" for k, v in best.items() if k != "epoch"))

@@ -40,6 +40,8 @@ class TrainConfig:
                            ("bleu", "cider", "loss"))
     dev_images: int = setting(1000, "dev images decoded for the per-epoch BLEU")
     seed: int = setting(0, "random seed")
+    shuffle_buffer: int = setting(10_000, "captions held for shuffling when training from sharded features "
+                                  "(--train-features; the in-memory path shuffles them all)")
     samples: int = setting(5, "captions sampled per image in self-critical training (--scst); a step "
                            "holds batch-size / samples images")
 

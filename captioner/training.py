@@ -1,5 +1,6 @@
 """Training the decoder with teacher forcing on cached image features (pooled vectors for
-Show and Tell, spatial maps read from a memory-mapped file for Show, Attend and Tell).
+Show and Tell, spatial maps read from a memory-mapped file for Show, Attend and Tell), or on
+pooled features streamed from the shards `captioner beam extract-features` writes.
 
 Input `<start> w1..wn`, target `w1..wn <end>`; masked cross-entropy; Adam with gradient
 clipping and a warm-up + cosine learning-rate schedule; early stopping and the best
@@ -23,6 +24,7 @@ from captioner.data import CaptionDataset
 from captioner.decoding import DecodeOptions, caption_texts
 from captioner.evaluation import bleu_scores
 from captioner.familiarity import add_familiarity
+from captioner.feature_shards import ShardError, feature_dataset, manifest_path, read_split
 from captioner.features import FeatureCache, encode_photos
 from captioner.fileio import atomic_save, atomic_write_text
 from captioner.model import MaskedCrossEntropy, ShowAndTell, ShowAttendTell
@@ -59,14 +61,54 @@ def teacher_forcing_dataset(
     """((feature, `<start> w1..wn`), `w1..wn <end>`) batches, bucketed by length to cut padding.
     Pooled features [N, D] sit in the graph; grids [N, R, C] (a memory-mapped file for a whole
     dataset) are read a batch at a time, so they never need to fit in memory."""
-    lookup = feature_lookup(features)
     lengths = (sequences != vocab.pad_id).sum(axis=1)
     ds = tf.data.Dataset.from_tensor_slices((rows, sequences, lengths))
     if shuffle:
         ds = ds.shuffle(len(rows), seed=seed, reshuffle_each_iteration=True)
+    return _teacher_forcing_batches(ds.map(lambda row, seq, n: (row, seq[:n])), lengths, vocab, batch_size,
+                                    feature_lookup(features))
+
+
+def streamed_teacher_forcing_dataset(
+    prefix: str, encoder_identity: dict, ids: list[str], rows: np.ndarray, sequences: np.ndarray,
+    vocab: Vocabulary, batch_size: int, shuffle: bool, seed: int = 0, shuffle_buffer: int = 10_000,
+) -> tf.data.Dataset:
+    """The batches of `teacher_forcing_dataset`, with the features streamed from the shards at
+    `prefix` (`captioner.feature_shards`) instead of held in memory: each record is joined to its
+    photo's captions by image id (records of photos not in `ids` are skipped), and shuffling holds
+    `shuffle_buffer` captions while the shards are read in a new order every epoch. `ids` must be
+    the photos that have a record (`read_split`): the batch count is computed from them."""
+    lengths = (sequences != vocab.pad_id).sum(axis=1)
+    # caption_sequences lists each photo's captions together: photo r's are [start[r], start[r] + count[r]).
+    count = np.bincount(rows, minlength=len(ids)).astype(np.int32)
+    start = (np.cumsum(count) - count).astype(np.int32)
+    row_of = tf.lookup.StaticHashTable(
+        tf.lookup.KeyValueTensorInitializer(tf.constant(ids, tf.string), tf.range(len(ids), dtype=tf.int32)),
+        default_value=-1)
+    sequences, lengths_t, start, count = (tf.constant(a) for a in (sequences, lengths.astype(np.int32), start, count))
+
+    def captions(image_id, key, feature):
+        row = row_of.lookup(image_id)
+        span = tf.range(start[row], start[row] + count[row])
+        return tf.repeat(feature[None], count[row], axis=0), tf.gather(sequences, span), tf.gather(lengths_t, span)
+
+    ds = (feature_dataset(prefix, encoder_identity, seed if shuffle else None)
+          .filter(lambda image_id, key, feature: row_of.lookup(image_id) >= 0)
+          .map(captions, num_parallel_calls=tf.data.AUTOTUNE)
+          .unbatch())
+    if shuffle:
+        ds = ds.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    return _teacher_forcing_batches(ds.map(lambda feature, seq, n: (feature, seq[:n])), lengths, vocab,
+                                    batch_size, lambda features: features)
+
+
+def _teacher_forcing_batches(ds: tf.data.Dataset, lengths: np.ndarray, vocab: Vocabulary, batch_size: int,
+                             lookup) -> tf.data.Dataset:
+    """(x, `<start> w1..wn <end>`) pairs -> teacher-forcing batches bucketed by length, where
+    `lookup` turns a batch of x into features; `lengths`: every caption's, for the batch count."""
     boundaries = [10, 13, 16, 20]
-    ds = ds.map(lambda row, seq, n: (row, seq[:n])).bucket_by_sequence_length(
-        lambda row, seq: tf.shape(seq)[0],
+    ds = ds.bucket_by_sequence_length(
+        lambda x, seq: tf.shape(seq)[0],
         bucket_boundaries=boundaries,
         bucket_batch_sizes=[batch_size] * (len(boundaries) + 1),
     )
@@ -75,10 +117,10 @@ def teacher_forcing_dataset(
     per_bucket = np.bincount(np.digitize(lengths, boundaries), minlength=len(boundaries) + 1)
     ds = ds.apply(tf.data.experimental.assert_cardinality(int(np.ceil(per_bucket / batch_size).sum())))
 
-    def split(row, seq):
+    def split(x, seq):
         # The input drops <end> (it is never fed), so input and target masks match.
         inputs = tf.where(seq == vocab.end_id, vocab.pad_id, seq)[:, :-1]
-        return (lookup(row), inputs), seq[:, 1:]
+        return (lookup(x), inputs), seq[:, 1:]
 
     return ds.map(split, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)
 
@@ -192,8 +234,9 @@ def start_run(output: str | Path, seed: int) -> tuple[Path, bool]:
 
 
 def encode_splits(dataset: CaptionDataset, encoder, model_type: str, output: Path, cache_dir: str | Path | None,
-                  verbose: int) -> dict[str, tuple[list[str], np.ndarray | None]]:
-    """(image ids, features) of the train and dev splits, through the feature cache: pooled
+                  verbose: int, which: tuple[str, ...] = ("train", "dev")
+                  ) -> dict[str, tuple[list[str], np.ndarray | None]]:
+    """(image ids, features) of the splits `which`, through the feature cache: pooled
     vectors, or for show-attend-tell the spatial maps (float16), gathered in a memory-mapped file
     in the run folder (Flickr8k's train split: 750 MB) so they never need to fit in memory."""
     attention = model_type == "show-attend-tell"
@@ -205,7 +248,7 @@ def encode_splits(dataset: CaptionDataset, encoder, model_type: str, output: Pat
     else:
         feature_encoder, cache = encoder, FeatureCache(encoder.describe(), cache_dir)
     out = {}
-    for what in ("train", "dev"):
+    for what in which:
         ids = dataset.splits.get(what, [])
         if not ids:
             out[what] = ([], None)
@@ -217,6 +260,23 @@ def encode_splits(dataset: CaptionDataset, encoder, model_type: str, output: Pat
             log.warning("skipped %s", failure)
         out[what] = (ids, features)
     return out
+
+
+def shard_splits(dataset: CaptionDataset, encoder, train_shards: str, dev_shards: str | None, output: Path,
+                 cache_dir: str | Path | None, verbose: int) -> dict[str, tuple[list[str], np.ndarray | None]]:
+    """`encode_splits` for streamed training: the train photos that have a record in the shards at
+    `train_shards` (their features stay there: None), and the dev split's ids and features, from
+    the shards at `dev_shards` or else through the feature cache."""
+    identity = encoder.describe()
+    train_ids, _ = read_split(train_shards, identity, dataset, "train", with_features=False)
+    if not train_ids:
+        raise ShardError(f"{manifest_path(train_shards)}: none of the dataset's train photos has a record")
+    if len(train_ids) < len(dataset.splits["train"]):
+        log.warning("%d train photos have no record in %s: skipped", len(dataset.splits["train"]) - len(train_ids),
+                    train_shards)
+    dev = (read_split(dev_shards, identity, dataset, "dev") if dev_shards else
+           encode_splits(dataset, encoder, "show-and-tell", output, cache_dir, verbose, ("dev",))["dev"])
+    return {"train": (train_ids, None), "dev": dev}
 
 
 def remove_grid_files(output: Path) -> None:
@@ -270,10 +330,13 @@ def finish_run(output: Path, encoder, splits: dict) -> Bundle:
     """Give the chosen bundle its familiarity data (from `splits`, what `encode_splits` returned) and
     its LiteRT files (once: converting costs seconds), and load it."""
     (_, train_features), (dev_ids, dev_features) = splits["train"], splits["dev"]
-    if dev_ids:  # calibrated on dev photos: without them, no familiarity data
-        add_familiarity(output / "model", train_features, dev_features)
-    else:
+    if not dev_ids:  # calibrated on dev photos: without them, no familiarity data
         log.info("no familiarity data: it is calibrated on dev photos and the dataset has none")
+    elif train_features is None:
+        log.info("no familiarity data: the training features were streamed from shards, never held; "
+                 "`captioner export --familiarity DATA` adds it from the feature cache")
+    else:
+        add_familiarity(output / "model", train_features, dev_features)
     remove_grid_files(output)
     from captioner.export_litert import add_litert_files
 
@@ -289,6 +352,8 @@ def train(
     cache_dir: str | Path | None = None,
     verbose: int = 2,
     strategy: tf.distribute.Strategy | None = None,
+    train_shards: str | None = None,
+    dev_shards: str | None = None,
 ) -> Bundle:
     """Train on the dataset's train split, select on dev, and return the best bundle.
 
@@ -296,17 +361,36 @@ def train(
     (deleted when training completes). Rerunning an interrupted call resumes it.
     `strategy` (e.g. `tf.distribute.MirroredStrategy()`) spreads each batch of
     `config.batch_size` captions over its devices; default: the one default device.
+
+    Features come from the feature cache (encoding what it lacks) and are held in memory, or
+    with `train_shards` (a `captioner beam extract-features` prefix) are streamed from its
+    shards, never all in memory; the dev split then comes from `dev_shards` (read into memory:
+    it is decoded every epoch) or from the cache.
     """
     config = config or TrainConfig()
+    if dev_shards and not train_shards:
+        raise ValueError("dev_shards: goes with train_shards (features of both splits from shards)")
+    if train_shards and config.model_type == "show-attend-tell":
+        raise ValueError("--train-features: sharded features are pooled vectors; show-attend-tell trains on the "
+                         "spatial maps of the feature cache (captioner extract-features --grid)")
     output, resuming = start_run(output, config.seed)
     train_ids = dataset.splits.get("train", [])
     if not train_ids:
         raise ValueError(f"{dataset.root}: the dataset has no training images")
     vocab = Vocabulary.build((c for i in train_ids for c in dataset.captions[i]), config.min_count)
-    splits = encode_splits(dataset, encoder, config.model_type, output, cache_dir, verbose)
+    if train_shards:
+        splits = shard_splits(dataset, encoder, train_shards, dev_shards, output, cache_dir, verbose)
+    else:
+        splits = encode_splits(dataset, encoder, config.model_type, output, cache_dir, verbose)
     (train_ids, train_features), (dev_ids, dev_features) = splits["train"], splits["dev"]
     rows, seqs = caption_sequences(dataset, train_ids, vocab, config.max_len)
-    train_ds = teacher_forcing_dataset(train_features, rows, seqs, vocab, config.batch_size, True, config.seed)
+    if train_shards:
+        train_ds = streamed_teacher_forcing_dataset(train_shards, encoder.describe(), train_ids, rows, seqs, vocab,
+                                                    config.batch_size, True, config.seed, config.shuffle_buffer)
+        feature_shape = (encoder.feature_dim,)
+    else:
+        train_ds = teacher_forcing_dataset(train_features, rows, seqs, vocab, config.batch_size, True, config.seed)
+        feature_shape = train_features.shape[1:]
     steps = int(train_ds.cardinality())
     log.info("vocabulary %d words; %d train captions of %d images; %d dev images",
              len(vocab), len(rows), len(train_ids), len(dev_ids))
@@ -315,14 +399,14 @@ def train(
     # every batch among them and sums the gradients.
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(config, len(vocab), encoder.feature_dim,
-                            train_features.shape[1] if config.model_type == "show-attend-tell" else None)
+                            feature_shape[0] if config.model_type == "show-attend-tell" else None)
         model.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
         if strategy is not None:
             # Keras 3 builds a distributed model on the MEAN of the first batch's replicas, which
             # turns the word ids into floats that the embedding refuses; build it on a real-typed
             # batch first (an evaluation step: the weights do not change).
             words = np.zeros((1, 2), np.int32)
-            model.test_on_batch((np.asarray(train_features[:1], np.float32), words), words)
+            model.test_on_batch((np.zeros((1, *feature_shape), np.float32), words), words)
 
     def make_bundle(best: dict) -> Bundle:
         # The dataset as described, not where it lay on the trainer's machine.
