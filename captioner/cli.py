@@ -177,8 +177,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also write an int8 encoder, calibrated on 200 photos of this dataset's train split")
     p.add_argument("--familiarity", metavar="DIR",
                    help="also add familiarity data from this dataset (the one the model was trained on): "
-                   "a reference set of its train photos, a threshold calibrated on its dev photos "
-                   "(attention bundles, which have no LiteRT files, get only this)")
+                   "a reference set of its train photos, a threshold calibrated on its dev photos")
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache for --familiarity "
                    "(default: $CAPTIONER_HOME/features)")
 
@@ -459,14 +458,12 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from captioner.bundle import load_bundle
     from captioner.data import load_dataset
-    from captioner.export_litert import LITERT_MODEL_TYPES, add_litert_files, calibration_photos
+    from captioner.export_litert import add_litert_files, calibration_photos
 
     model = args.model or paths.default_model()
     bundle = load_bundle(model, load_decoder=False)
     if args.familiarity:
         _export_familiarity(args, model, bundle.encoder)
-        if bundle.model_type not in LITERT_MODEL_TYPES:
-            return 0  # nothing more to do for it: add_litert_files would refuse it
     calibration = None
     if args.int8_calibration:
         calibration = calibration_photos(load_dataset(args.int8_calibration), bundle.encoder["image_size"])

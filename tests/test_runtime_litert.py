@@ -132,6 +132,23 @@ def test_export_adds_the_files_to_an_existing_bundle(model_dir, tmp_path):
     assert Captioner.load(copy).runtime == "litert"
 
 
+def test_export_adds_familiarity_data_to_a_bundle_without_it(model_dir, tmp_path, shapes_root):
+    copy = shutil.copytree(model_dir, tmp_path / "bundle")
+    (copy / "familiarity.npy").unlink()
+    config = json.loads((copy / "config.json").read_text())
+    del config["familiarity"]
+    (copy / "config.json").write_text(json.dumps(config))
+    assert load_bundle(copy, load_decoder=False).familiarity is None
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run([sys.executable, "-m", "captioner", "export", "--model", str(copy), "--familiarity",
+                           str(shapes_root), "--cache-dir", str(tmp_path / "cache")], capture_output=True, text=True,
+                          env=env, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    familiarity = load_bundle(copy, load_decoder=False).familiarity
+    assert familiarity is not None and 0.9 <= familiarity.dev_pass <= 1.0
+    assert sorted(load_bundle(copy, load_decoder=False).litert) == ["decoder.tflite", "encoder.tflite"]
+
+
 def test_an_int8_encoder_is_exported_on_request_and_preferred(model_dir, tmp_path, shapes_root, shapes):
     copy = shutil.copytree(model_dir, tmp_path / "bundle")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
