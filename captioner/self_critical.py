@@ -48,6 +48,12 @@ class SelfCritical(keras.Model):
         banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -1e9
         self.banned = banned
         self.built = True  # its only weights are the decoder's, built already
+        # Epoch means, as `fit` logs them (a bare value in the step's dict would log the last batch's).
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "reward", "words")}
+
+    @property
+    def metrics(self) -> list:
+        return list(self.trackers.values())
 
     def call(self, inputs, training: bool = False):
         return self.decoder(inputs, training=training)
@@ -90,8 +96,10 @@ class SelfCritical(keras.Model):
             loss = -tf.reduce_sum(advantage * log_probs * real) / tf.maximum(tf.reduce_sum(real), 1.0)
         variables = self.decoder.trainable_variables
         self.optimizer.apply_gradients(zip(tape.gradient(loss, variables), variables))
-        return {"loss": loss, "reward": tf.reduce_mean(rewards),
-                "words": tf.reduce_mean(tf.reduce_sum(real, axis=1)) - 1.0}
+        values = {"loss": loss, "reward": tf.reduce_mean(rewards), "words": tf.reduce_mean(tf.reduce_sum(real, axis=1)) - 1.0}
+        for name, value in values.items():
+            self.trackers[name].update_state(value)
+        return {name: tracker.result() for name, tracker in self.trackers.items()}
 
 
 def self_critical(

@@ -109,3 +109,22 @@ def test_scst_command_fine_tunes_a_bundle_and_resumes(trained_run, shapes_root, 
 def test_scst_usage_errors(shapes_root, tmp_path, capsys, extra, message):
     assert main(["train", "--data", str(shapes_root), "--output", str(tmp_path / "o"), *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_logged_figures_are_epoch_means():
+    """`fit` logs the mean reward of the epoch's batches, not the last batch's."""
+    from captioner.quiet_tensorflow import keras, tf
+    from captioner.self_critical import SelfCritical
+
+    keras.utils.set_random_seed(0)
+    per_image = np.array([0.0, 4.0, 8.0, 12.0], np.float32)  # a reward that depends on the image only
+
+    def reward(images, tokens):
+        return per_image[images]
+
+    model = SelfCritical(tiny_decoder("show-and-tell"), reward, samples=2, max_len=4)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    features = np.zeros((4, 8), np.float32)
+    data = tf.data.Dataset.from_tensor_slices((features, np.arange(4, dtype=np.int32))).batch(1)
+    history = model.fit(data, epochs=1, verbose=0, shuffle=False)
+    assert history.history["reward"][0] == pytest.approx(per_image.mean())
