@@ -341,13 +341,14 @@ def train(
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(config, len(vocab), encoder.feature_dim,
                             train_features.shape[1] if config.model_type == "show-attend-tell" else None)
-        model.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
+        fitted = sampled_trainer(config, model) if config.sampled_softmax else model
+        fitted.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
         if strategy is not None:
             # Keras 3 builds a distributed model on the MEAN of the first batch's replicas, which
             # turns the word ids into floats that the embedding refuses; build it on a real-typed
             # batch first (an evaluation step: the weights do not change).
             words = np.zeros((1, 2), np.int32)
-            model.test_on_batch((np.asarray(train_features[:1], np.float32), words), words)
+            fitted.test_on_batch((np.asarray(train_features[:1], np.float32), words), words)
 
     def make_bundle(best: dict) -> Bundle:
         # The dataset as described, not where it lay on the trainer's machine.
@@ -360,13 +361,25 @@ def train(
     if dev_ids:
         dev_rows, dev_seqs = caption_sequences(dataset, dev_ids, vocab, config.max_len)
         validation = teacher_forcing_dataset(dev_features, dev_rows, dev_seqs, vocab, 256, False)
-    callbacks = run_callbacks(output, config, dataset, splits["dev"], vocab, make_bundle, timer, resuming)
+    callbacks = run_callbacks(output, config, dataset, splits["dev"], vocab, make_bundle, timer, resuming,
+                              decoder=model)
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to tf.data.
-    model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
+    fitted.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
     return finish_run(output, encoder, splits)
+
+
+def sampled_trainer(config: TrainConfig, model: ShowAndTell):
+    """What `fit` trains when `config.sampled_softmax` is set: `model` under a sampled softmax."""
+    from captioner.sampled_softmax import SampledSoftmaxTrainer
+
+    if config.model_type != "show-and-tell":
+        raise ValueError("--sampled-softmax: Show and Tell only")
+    if config.label_smoothing:
+        raise ValueError("--sampled-softmax has no label smoothing: pass --label-smoothing 0")
+    return SampledSoftmaxTrainer(model, config.sampled_softmax)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:
