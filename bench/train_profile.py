@@ -11,8 +11,9 @@ read side by side:
 
 - the whole step (forward, loss, gradients, Adam), as `model.fit` runs it;
 - the LSTM over the sequence, forward + backward (gates: 2*4*(E+U)*U FLOPs a position, x3);
-- the vocabulary projection + softmax cross-entropy, forward + backward (2*U*V a position, x3);
-- Adam's update of every weight, with clipping (element-wise);
+- the vocabulary projection + softmax cross-entropy, forward + backward (2*U*V a position, x3),
+  and the same with a sampled softmax (`tf.nn.sampled_softmax_loss`, `--sampled` words);
+- Adam's update of every weight, with clipping (element-wise), Keras's and the fused one;
 - the input pipeline (`teacher_forcing_dataset`: bucketing, feature gather), batches/s alone;
 - plain matmuls of the LSTM's per-word shape and of the projection's, for what these sizes can reach.
 
@@ -37,6 +38,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, help="captions per step (default: the default preset's)")
     p.add_argument("--length", type=int, default=14, help="input positions per caption")
     p.add_argument("--vocab", type=int, default=2538, help="vocabulary size (Flickr8k's at min_count 5)")
+    p.add_argument("--sampled", type=int, default=1024, help="sampled words for the sampled-softmax piece")
     p.add_argument("--repeats", type=int, default=20, help="timed calls per piece (the median is reported)")
     p.add_argument("--rounds", type=int, default=3, help="rounds over all pieces, matmul rate measured between")
     p.add_argument("--trace", metavar="DIR", help="also write a TF profiler trace of fit steps here")
@@ -93,8 +95,9 @@ def top_ops(trace_dir: str, n: int = 20) -> list[dict]:
 
 
 def is_op(event: str) -> bool:
-    """Whether a trace event is a TensorFlow op ("scope/name:Type", not "Executor::Run")."""
-    return ":" in event and "::" not in event
+    """Whether a trace event is a TensorFlow op ("scope/name:Type", not "Executor::Run" or
+    "EagerLocalExecute: <function>")."""
+    return ":" in event and "::" not in event and ": " not in event
 
 
 def short_name(event: str) -> str:
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
     from captioner.model import MaskedCrossEntropy, ShowAndTell
     from captioner.quiet_tensorflow import keras, tf
     from captioner.text import SPECIAL_TOKENS, Vocabulary
-    from captioner.training import TrainConfig, teacher_forcing_dataset
+    from captioner.training import FusedAdam, TrainConfig, teacher_forcing_dataset
 
     config = TrainConfig.preset("default", **({"batch_size": args.batch_size} if args.batch_size else {}))
     keras.utils.set_random_seed(config.seed)
@@ -160,11 +163,28 @@ def main(argv=None) -> int:
             loss = loss_fn(targets, head(hidden))
         return tape.gradient(loss, [hidden, *head.trainable_variables])
 
+    real = targets != 0
+    labels = tf.cast(tf.boolean_mask(targets, real), tf.int64)[:, None]
+
+    @tf.function
+    def sampled_projection_step():  # what captioner.sampled_softmax trains with instead
+        with tf.GradientTape() as tape:
+            tape.watch(hidden)
+            loss = tf.reduce_mean(tf.nn.sampled_softmax_loss(
+                tf.transpose(head.kernel), head.bias, labels, tf.boolean_mask(hidden, real), args.sampled, V))
+        return tape.gradient(loss, [hidden, *head.trainable_variables])
+
     gradients = [tf.constant(rng.normal(size=v.shape).astype(np.float32) * 1e-3) for v in variables]
+    fused = FusedAdam(config.learning_rate, clipnorm=config.clipnorm)
+    fused.build(variables)
 
     @tf.function
     def adam_step():
         model.optimizer.apply(gradients, variables)
+
+    @tf.function
+    def fused_adam_step():
+        fused.apply(gradients, variables)
 
     @tf.function
     def lstm_word_matmul():  # one word's gates: [B, E+U] x [E+U, 4U], as the cell runs it (two products)
@@ -196,7 +216,10 @@ def main(argv=None) -> int:
         "whole step (forward, loss, gradients, Adam)": (lambda: whole_step().numpy(), lstm_flops + projection_flops),
         "LSTM over the sequence, forward + backward": (lambda: lstm_step()[0].numpy(), lstm_flops),
         "projection + softmax cross-entropy, fwd + bwd": (lambda: projection_step()[0].numpy(), projection_flops),
+        f"projection + sampled softmax ({args.sampled} words), fwd + bwd": (
+            lambda: sampled_projection_step()[0].numpy(), projection_flops * (args.sampled + 1) / V),
         f"Adam update with clipping ({n_params / 1e6:.2f} M weights)": (lambda: adam_step(), None),
+        "the same, fused (captioner.training.FusedAdam)": (lambda: fused_adam_step(), None),
         "input pipeline, one batch": (lambda: pipeline_batches(1), None),
         f"one word's gate matmuls [{B},{E}+{U}]x[{E + U},{4 * U}]": (lambda: lstm_word_matmul().numpy(),
                                                                      2 * B * (E + U) * 4 * U),
