@@ -71,6 +71,10 @@ class ShowAndTell(keras.Model):
         return states[i * k : (i + 1) * k]
 
     def call(self, inputs, training: bool = False):
+        return self.head(self.hidden(inputs, training=training))
+
+    def hidden(self, inputs, training: bool = False):
+        """What `head` turns into next-word logits: the last RNN layer's outputs [B, T, units]."""
         features, tokens = inputs
         states = self.initial_state(features, training=training)
         # No padding mask for the RNN: captions are padded at the end, so the outputs before the
@@ -80,7 +84,7 @@ class ShowAndTell(keras.Model):
         for i, rnn in enumerate(self.rnns):
             x = rnn(x, initial_state=self._layer_states(states, i), training=training)[0]
             x = self.dropout(x, training=training)
-        return self.head(x)
+        return x
 
     def image_context(self, features) -> list:
         """What the decoder reads of each image at every word: nothing (the feature only sets the

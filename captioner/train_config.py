@@ -35,6 +35,9 @@ class TrainConfig:
     warmup_epochs: float = setting(0.5, "epochs of linear learning-rate warm-up")
     clipnorm: float = setting(5.0, "gradient norm clipping")
     label_smoothing: float = setting(0.0, "label smoothing of the loss")
+    sampled_softmax: int = setting(0, "train on a softmax over the true next words and this many sampled "
+                                   "ones instead of the whole vocabulary (0: the whole vocabulary); dev "
+                                   "scores and decoding use the whole one. Show and Tell, no label smoothing")
     patience: int = setting(4, "early-stopping patience (epochs)")
     monitor: str = setting("bleu", "pick the best epoch by dev BLEU-4 or CIDEr-D (greedy) or dev loss",
                            ("bleu", "cider", "loss"))

@@ -285,14 +285,39 @@ def remove_grid_files(output: Path) -> None:
         (output / f"grids-{what}.npy").unlink(missing_ok=True)
 
 
+@keras.saving.register_keras_serializable(package="captioner")
+class FusedAdam(keras.optimizers.Adam):
+    """Keras's Adam, each weight updated by TensorFlow's fused kernel (`ResourceApplyAdam`: the
+    same formula, one pass over the weight and its moments) instead of Keras's ten element-wise
+    ops, each a pass over memory. On a 2-core CPU those passes made Adam a sixth of the default
+    model's step (`bench/train_profile.py`). The updates are Keras's to float rounding. The
+    TensorFlow backend only, which is the package's."""
+
+    def update_step(self, gradient, variable, learning_rate) -> None:
+        # Not fused: AMSGrad (the kernel has none) and the embedding's gradient, which comes as
+        # slices: Keras squares those before summing repeated words, which the kernel would not.
+        if self.amsgrad or isinstance(gradient, tf.IndexedSlices):
+            return super().update_step(gradient, variable, learning_rate)
+        index = self._get_variable_index(variable)
+        dtype = variable.dtype
+        step = tf.cast(self.iterations + 1, dtype)
+        beta_1, beta_2 = tf.cast(self.beta_1, dtype), tf.cast(self.beta_2, dtype)
+        tf.raw_ops.ResourceApplyAdam(
+            var=variable.handle, m=self._momentums[index].value.handle, v=self._velocities[index].value.handle,
+            beta1_power=beta_1**step, beta2_power=beta_2**step, lr=tf.cast(learning_rate, dtype),
+            beta1=beta_1, beta2=beta_2, epsilon=tf.cast(self.epsilon, dtype),
+            grad=tf.cast(gradient, dtype),
+        )
+
+
 def adam(config: TrainConfig, steps_per_epoch: int) -> keras.optimizers.Optimizer:
-    """Adam with gradient clipping, a linear warm-up and a cosine decay over the run."""
+    """Adam (fused) with gradient clipping, a linear warm-up and a cosine decay over the run."""
     warmup = int(config.warmup_epochs * steps_per_epoch)
     schedule = keras.optimizers.schedules.CosineDecay(
         config.learning_rate * 0.1, decay_steps=max(1, config.epochs * steps_per_epoch - warmup), alpha=0.05,
         warmup_target=config.learning_rate, warmup_steps=warmup,
     )
-    return keras.optimizers.Adam(schedule, clipnorm=config.clipnorm)
+    return FusedAdam(schedule, clipnorm=config.clipnorm)
 
 
 def run_callbacks(output: Path, config: TrainConfig, dataset: CaptionDataset, dev: tuple[list[str], np.ndarray | None],
@@ -400,13 +425,14 @@ def train(
     with (strategy or tf.distribute.get_strategy()).scope():
         model = build_model(config, len(vocab), encoder.feature_dim,
                             feature_shape[0] if config.model_type == "show-attend-tell" else None)
-        model.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
+        fitted = sampled_trainer(config, model) if config.sampled_softmax else model
+        fitted.compile(optimizer=adam(config, steps), loss=MaskedCrossEntropy(config.label_smoothing))
         if strategy is not None:
             # Keras 3 builds a distributed model on the MEAN of the first batch's replicas, which
             # turns the word ids into floats that the embedding refuses; build it on a real-typed
             # batch first (an evaluation step: the weights do not change).
             words = np.zeros((1, 2), np.int32)
-            model.test_on_batch((np.zeros((1, *feature_shape), np.float32), words), words)
+            fitted.test_on_batch((np.zeros((1, *feature_shape), np.float32), words), words)
 
     def make_bundle(best: dict) -> Bundle:
         # The dataset as described, not where it lay on the trainer's machine.
@@ -419,13 +445,25 @@ def train(
     if dev_ids:
         dev_rows, dev_seqs = caption_sequences(dataset, dev_ids, vocab, config.max_len)
         validation = teacher_forcing_dataset(dev_features, dev_rows, dev_seqs, vocab, 256, False)
-    callbacks = run_callbacks(output, config, dataset, splits["dev"], vocab, make_bundle, timer, resuming)
+    callbacks = run_callbacks(output, config, dataset, splits["dev"], vocab, make_bundle, timer, resuming,
+                              decoder=model)
     # The dataset shuffles itself (seeded); Keras's own shuffle does not apply to tf.data.
-    model.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
+    fitted.fit(train_ds, validation_data=validation, epochs=config.epochs, callbacks=callbacks, verbose=verbose,
               shuffle=False)
     if not dev_ids:  # nothing to select on: the last epoch is the model
         make_bundle({"epoch": config.epochs}).save(output / "model")
     return finish_run(output, encoder, splits)
+
+
+def sampled_trainer(config: TrainConfig, model: ShowAndTell):
+    """What `fit` trains when `config.sampled_softmax` is set: `model` under a sampled softmax."""
+    from captioner.sampled_softmax import SampledSoftmaxTrainer
+
+    if config.model_type != "show-and-tell":
+        raise ValueError("--sampled-softmax: Show and Tell only")
+    if config.label_smoothing:
+        raise ValueError("--sampled-softmax has no label smoothing: pass --label-smoothing 0")
+    return SampledSoftmaxTrainer(model, config.sampled_softmax)
 
 
 def make_strategy(name: str) -> tf.distribute.Strategy | None:

@@ -1,4 +1,5 @@
-"""The teacher-forcing input pipeline: shifted pairs, every caption once per epoch, a known length."""
+"""The teacher-forcing input pipeline: shifted pairs, every caption once per epoch, a known length;
+the fused Adam: the same updates as Keras's."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,3 +36,26 @@ def test_batches_are_shifted_pairs_covering_every_caption_once():
             assert not x[n - 1 :].any() and not y[n - 1 :].any()  # padding, masked out
             seen.append(row)
     assert sorted(seen) == list(range(len(captions)))
+
+
+def test_fused_adam_updates_the_weights_as_keras_adam_does():
+    import keras
+
+    from captioner.model import MaskedCrossEntropy, ShowAndTell
+    from captioner.training import FusedAdam
+
+    rng = np.random.default_rng(0)
+    features = rng.normal(size=(4, 8)).astype(np.float32)
+    tokens = rng.integers(1, 20, (4, 6)).astype(np.int32)
+    trained = []
+    for optimizer in (keras.optimizers.Adam, FusedAdam):
+        keras.utils.set_random_seed(0)
+        model = ShowAndTell(20, 8, embed_dim=6, units=10, dropout=0.0)
+        schedule = keras.optimizers.schedules.CosineDecay(1e-3, decay_steps=5, warmup_target=1e-2, warmup_steps=2)
+        model.compile(optimizer=optimizer(schedule, clipnorm=0.5), loss=MaskedCrossEntropy(0.1))
+        for _ in range(5):
+            model.train_on_batch((features, tokens[:, :-1]), tokens[:, 1:])
+        trained.append(model.get_weights())
+    assert not np.allclose(trained[0][0], ShowAndTell(20, 8, embed_dim=6, units=10).get_weights()[0])
+    for keras_weight, fused_weight in zip(*trained):
+        np.testing.assert_allclose(fused_weight, keras_weight, rtol=1e-5, atol=1e-6)
