@@ -29,7 +29,7 @@ from captioner import attention_maps, paths
 from captioner.bundle import CONFIG, BundleError
 from captioner.captioner import Captioner, CaptionResult
 from captioner.decoding import METHODS, DecodeOptions
-from captioner.encoder import EncoderError
+from captioner.errors import EncoderError
 from captioner.output import results_csv, results_json
 
 Photo = tuple[str, bytes]  # (file name shown to the user, file content)

@@ -101,7 +101,7 @@ class Captioner:
         if bundle.model_type == "show-attend-tell":
             if getattr(encoder, "grid_shape", None) is None:
                 raise BundleError(f"{bundle.model_type} needs the encoder's spatial map, which "
-                                  f"{type(encoder).__name__} does not give (use the TensorFlow runtime)")
+                                  f"{type(encoder).__name__} does not give (it has no grid_shape)")
             self.feature_encoder = GridEncoder(encoder)
             self.grid_shape = self.feature_encoder.grid_shape
             if self.feature_encoder.feature_shape[0] != bundle.decoder_sizes["regions"]:

@@ -91,7 +91,7 @@ def _train_options(p: argparse.ArgumentParser) -> None:
     from captioner.train_config import PRESETS, TrainConfig
 
     p.add_argument("--preset", choices=list(PRESETS),
-                   help="'default' (the shipped Flickr8k model; the default), 'attend' (Show, Attend and Tell on "
+                   help="'default' (the first, cross-entropy stage of the shipped Flickr8k model; the default), 'attend' (Show, Attend and Tell on "
                    "Flickr8k), 'tiny' (quick demo) or 'scst' (self-critical fine-tuning; the default with --scst)")
     g = p.add_argument_group("training settings (default: from the preset)")
     for f in dataclasses.fields(TrainConfig):
@@ -137,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train a model bundle on a dataset",
                        description="Train the decoder on the train split with teacher forcing; pick the best "
-                       "epoch on dev BLEU-4. Rerun the same command to resume an interrupted run.")
+                       "epoch on dev BLEU-4 (--monitor; CIDEr-D with --scst). Rerun the same command to resume an "
+                       "interrupted run.")
     _data_options(p)
     p.add_argument("--output", required=True, metavar="DIR", help="run folder: the bundle goes to DIR/model")
     p.add_argument("--scst", action="store_true",
@@ -464,6 +465,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     bundle = load_bundle(model, load_decoder=False)
     if args.familiarity:
         _export_familiarity(args, model, bundle.encoder)
+        if bundle.litert and not args.int8_calibration:
+            return 0  # its runtime files stand: reconverting would only drop an int8 encoder
     calibration = None
     if args.int8_calibration:
         calibration = calibration_photos(load_dataset(args.int8_calibration), bundle.encoder["image_size"])

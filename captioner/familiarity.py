@@ -7,11 +7,11 @@ a threshold:
 
     score(photo) = mean cosine similarity of its centred feature to its `neighbours` nearest references
 
-Centring matters: pooled ReLU features all share one large positive direction, so without it
-every photo, even random noise, lies at a high cosine similarity to every other.
 and the threshold is the score that a stated share (`dev_pass`) of the dev photos reach: with
 0.95, one dev photo in twenty is called unfamiliar, so a photo below it is less like the training
-photos than 95 % of photos from the same collection. The file holds only numbers
+photos than 95 % of photos from the same collection. Centring matters: pooled ReLU features all
+share one large positive direction, so without it every photo, even random noise, lies at a high
+cosine similarity to every other. The file holds only numbers
 (`familiarity.npy`, read with `allow_pickle=False`): one float16 array whose row 0 is the centre
 and whose other rows are the reference features; `load` checks everything it reads.
 """

@@ -18,7 +18,8 @@ class SampledSoftmaxTrainer(keras.Model):
     def __init__(self, decoder: ShowAndTell, num_sampled: int, **kwargs):
         super().__init__(**kwargs)
         if not 0 < num_sampled < decoder.vocab_size:
-            raise ValueError(f"sampled softmax: {num_sampled} sampled words for a vocabulary of {decoder.vocab_size}")
+            raise ValueError(f"--sampled-softmax: must be from 1 to {decoder.vocab_size - 1} (the vocabulary has "
+                             f"{decoder.vocab_size} words), got {num_sampled}")
         self.decoder, self.num_sampled = decoder, int(num_sampled)
 
     def call(self, inputs, training: bool = False):

@@ -15,7 +15,6 @@ as cross-entropy training does; the bundle it writes holds the fine-tuned decode
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -30,6 +29,10 @@ from captioner.training import (EpochTimer, adam, encode_splits, feature_lookup,
                                 start_run)
 
 log = logging.getLogger(__name__)
+
+# The `TrainConfig` fields a self-critical run uses (the decoder's shape comes from its --init bundle).
+STAGE_SETTINGS = ("epochs", "batch_size", "samples", "learning_rate", "warmup_epochs", "clipnorm", "patience",
+                  "monitor", "dev_images", "max_len", "seed")
 
 
 class SelfCritical(keras.Model):
@@ -150,9 +153,14 @@ def self_critical(
     model = SelfCritical(decoder, reward, config.samples, config.max_len)
     model.compile(optimizer=adam(config, steps))
 
+    earlier = init.info.get("self_critical") or []
+    # The record of every stage: the cross-entropy run's own, then one entry per self-critical run.
+    first = {"cross_entropy_best": init.info.get("best")} if not earlier else {}
+    stage = {name: getattr(config, name) for name in STAGE_SETTINGS}
+
     def make_bundle(best: dict) -> Bundle:
-        info = {**init.info, "self_critical": {"config": asdict(config), "init_best": init.info.get("best")},
-                "best": best, "train_seconds": round(init.info.get("train_seconds", 0.0) + timer.total, 1)}
+        info = {**init.info, **first, "self_critical": [*earlier, {"config": stage, "best": best}], "best": best,
+                "train_seconds": round(init.info.get("train_seconds", 0.0) + timer.total, 1)}
         return Bundle(decoder, vocab, init.encoder, init.decoding, info)
 
     timer = EpochTimer(output / "history.csv")

@@ -55,7 +55,7 @@ class TrainConfig:
         return replace(cls(), **{**PRESETS[name], **overrides})
 
 PRESETS: dict[str, dict] = {
-    # The shipped Flickr8k model (see docs/experiments.md for how it was chosen).
+    # The shipped Flickr8k model's first, cross-entropy stage (docs/experiments.md: run B).
     "default": dict(epochs=12, label_smoothing=0.1),
     # Small and quick: the generated demo set, tests and notebooks.
     "tiny": dict(embed_dim=64, units=128, dropout=0.1, min_count=1, max_len=20, epochs=15,

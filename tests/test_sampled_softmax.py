@@ -34,6 +34,6 @@ def test_sampled_softmax_settings_are_checked():
         sampled_trainer(TrainConfig(sampled_softmax=10, label_smoothing=0.1), decoder)
     with pytest.raises(ValueError, match="Show and Tell"):
         sampled_trainer(TrainConfig(sampled_softmax=10, model_type="show-attend-tell"), decoder)
-    with pytest.raises(ValueError, match="vocabulary of 60"):
+    with pytest.raises(ValueError, match=r"--sampled-softmax: must be from 1 to 59 \(the vocabulary has 60 words\)"):
         SampledSoftmaxTrainer(decoder, 60)
     assert sampled_trainer(TrainConfig(sampled_softmax=10), decoder).num_sampled == 10

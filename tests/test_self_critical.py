@@ -85,7 +85,9 @@ def test_scst_command_fine_tunes_a_bundle_and_resumes(trained_run, shapes_root, 
     assert main(args) == 0
     bundle = load_bundle(out / "model")
     assert bundle.vocab == init.vocab and bundle.model_type == init.model_type
-    assert bundle.info["self_critical"]["config"]["samples"] == 5
+    [stage] = bundle.info["self_critical"]
+    assert stage["config"]["samples"] == 5 and stage["config"]["learning_rate"] == 1e-3
+    assert bundle.info["cross_entropy_best"] == init.info["best"]
     assert bundle.info["train_config"] == init.info["train_config"]  # the decoder's recipe, kept
     assert bundle.litert  # runs on LiteRT like any Show and Tell bundle
     with open(out / "history.csv", newline="") as f:
