@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import io
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -65,13 +66,18 @@ class Familiarity:
     dev_pass: float  # the share of the calibration photos that scored at or above the threshold
     dev_photos: int  # how many photos it was calibrated on
 
+    @cached_property
+    def _reference_t(self) -> np.ndarray:
+        # float32 once: NumPy has no fast float16 product, and converting per batch cost as much as scoring.
+        return np.ascontiguousarray(self.reference.astype(np.float32).T)
+
     def scores(self, features: np.ndarray) -> np.ndarray:
         """Familiarity of pooled features [N, D]: a cosine similarity, -1..1; higher is closer."""
         features = _unit_rows(np.asarray(features, np.float32) - self.center.astype(np.float32))
-        reference = self.reference.astype(np.float32)
+        reference_t = self._reference_t
         out = np.empty(len(features), np.float32)
         for start in range(0, len(features), _CHUNK):
-            similarity = features[start : start + _CHUNK] @ reference.T
+            similarity = features[start : start + _CHUNK] @ reference_t
             nearest = -np.partition(-similarity, self.neighbours - 1, axis=1)[:, : self.neighbours]
             out[start : start + _CHUNK] = nearest.mean(axis=1)
         return out
