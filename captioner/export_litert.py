@@ -56,8 +56,7 @@ def _convert(track, endpoints: dict, calibration=None) -> bytes:
 
 def decoder_tflite(model) -> bytes:
     """The decoder's `init` and `step` as one LiteRT model."""
-    banned = np.zeros(model.vocab_size, np.float32)
-    banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
+    banned = Vocabulary.banned_logits(model.vocab_size)
     attends = isinstance(model, ShowAttendTell)
     if attends:
         r, d = model.regions, model.feature_dim

@@ -23,9 +23,7 @@ class TensorFlowStep:
         #: which state holds the last step's attention weights (attention decoders only)
         self.attention_state: int | None = getattr(model, "attention_state", None)
         # Never emit the tokens that are not words; <unk> is a word-shaped gap in a caption.
-        banned = np.zeros(model.vocab_size, np.float32)
-        banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -np.inf
-        banned = tf.constant(banned)
+        banned = tf.constant(Vocabulary.banned_logits(model.vocab_size))
         # Lambdas, not bound methods: TF counts traces per function code, and several decoders in
         # one process would otherwise set off its "frequent retracing" warning.
         self._init = tf.function(lambda f: (model.initial_state(f), model.image_context(f)), reduce_retracing=True)

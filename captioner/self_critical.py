@@ -47,9 +47,8 @@ class SelfCritical(keras.Model):
             raise ValueError(f"--samples: self-critical training needs at least 2 samples per image, got {samples}")
         self.decoder, self.reward, self.samples, self.max_len = decoder, reward, samples, max_len
         # The words decoding may never emit are never sampled either.
-        banned = np.zeros(decoder.vocab_size, np.float32)
-        banned[[Vocabulary.pad_id, Vocabulary.start_id, Vocabulary.unk_id]] = -1e9
-        self.banned = banned
+        # Finite: the log-probabilities of padded positions are computed too (and masked), never inf.
+        self.banned = Vocabulary.banned_logits(decoder.vocab_size, -1e9)
         self.built = True  # its only weights are the decoder's, built already
         # Epoch means, as `fit` logs them (a bare value in the step's dict would log the last batch's).
         self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", "reward", "words")}

@@ -7,6 +7,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
+
 from captioner.fileio import atomic_write_text
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -59,6 +61,14 @@ class Vocabulary:
         if max_len is not None:
             ids = ids[:max_len]
         return [self.start_id, *ids, self.end_id]
+
+    @classmethod
+    def banned_logits(cls, vocab_size: int, fill: float = -float("inf")) -> np.ndarray:
+        """[vocab_size] zeros with `fill` at the tokens no caption may contain (`<pad>`, `<start>`,
+        `<unk>`): added to logits, they keep decoding and sampling from ever choosing them."""
+        banned = np.zeros(vocab_size, np.float32)
+        banned[[cls.pad_id, cls.start_id, cls.unk_id]] = fill
+        return banned
 
     def decode(self, ids: Iterable[int]) -> str:
         """Ids back to a sentence, stopping at `<end>` and dropping `<start>`/`<pad>`."""
