@@ -56,3 +56,26 @@ def edit_decoder_file(bundle: Path, edit=None, replace_members: dict[str, bytes]
     with zipfile.ZipFile(bundle / "decoder.keras", "w") as z:
         for name, data in files.items():
             z.writestr(name, data)
+
+
+def caption_on_litert_in_a_new_process(model: str | Path | None, photo: str | Path,
+                                       show: str = "result.caption") -> tuple[list[str], list[str], str]:
+    """Caption `photo` with `Captioner.load(model, runtime='litert')` in a fresh interpreter.
+    Returns `show` (comma-separated expressions of `result`) as strings, the TensorFlow/Keras
+    modules that process imported, and its stderr: the caption path must import none."""
+    import os
+    import subprocess
+    import sys
+
+    script = (
+        "import json, sys\n"
+        "from captioner import Captioner\n"
+        f"result = Captioner.load({str(model) if model else None!r}, runtime='litert').caption({str(photo)!r})\n"
+        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
+        f"print(json.dumps({{'shown': [str(x) for x in ({show},)], 'heavy': heavy}}))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
+                          check=True)
+    out = json.loads(done.stdout)
+    return out["shown"], out["heavy"], done.stderr

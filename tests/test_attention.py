@@ -1,15 +1,11 @@
 """Show, Attend and Tell: grid features, the attention decoder, its bundles, decoding with
 per-word attention, and what a tiny one learns on the generated shapes."""
-import os
 import shutil
-import subprocess
-import sys
 from dataclasses import replace
-from pathlib import Path
 
 import numpy as np
 import pytest
-from helpers import edit_config
+from helpers import caption_on_litert_in_a_new_process, edit_config
 
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.captioner import Captioner
@@ -255,19 +251,10 @@ def test_litert_attention_files_are_checked_against_the_config(litert_bundle, tm
 
 def test_the_attention_caption_path_imports_neither_tensorflow_nor_keras(litert_bundle, shapes):
     photo = shapes.images[shapes.splits["dev"][0]]
-    script = (
-        "import sys\n"
-        "from captioner import Captioner\n"
-        f"result = Captioner.load({str(litert_bundle)!r}, runtime='litert').caption({str(photo)!r})\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print(result.caption, '|', result.attention.shape, '|', heavy)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                          check=True)
-    caption, shape, heavy = done.stdout.strip().split(" | ")
-    assert caption and shape == f"({len(caption.split())}, 8, 8)" and heavy == "[]", done.stdout
-    assert done.stderr == "", done.stderr
+    (caption, shape), heavy, stderr = caption_on_litert_in_a_new_process(litert_bundle, photo,
+                                                                          "result.caption, result.attention.shape")
+    assert caption and shape == f"({len(caption.split())}, 8, 8)" and heavy == []
+    assert stderr == "", stderr
 
 
 # ---------------------------------------------------------------------------

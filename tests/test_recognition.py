@@ -1,12 +1,10 @@
 """What the encoder recognises: its ImageNet head, read from the shipped weights file and run in
 NumPy on the pooled feature, gives the network's own labels, on either runtime."""
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import caption_on_litert_in_a_new_process
 
 from captioner.encoder import ImageEncoder
 from captioner.images import load_image
@@ -44,15 +42,5 @@ def test_no_labels_without_the_very_weights_file(identity):
 
 
 def test_the_shipped_model_on_litert_gives_labels_without_tensorflow():
-    script = (
-        "import sys\n"
-        "from captioner import Captioner\n"
-        f"result = Captioner.load(runtime='litert').caption({str(EXAMPLES['coffee'])!r})\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print(result.labels[0][0], '|', heavy)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                          check=True)
-    label, heavy = done.stdout.strip().split(" | ")
-    assert label == "espresso" and heavy == "[]", done.stdout
+    [label], heavy, _ = caption_on_litert_in_a_new_process(None, EXAMPLES["coffee"], "result.labels[0][0]")
+    assert label == "espresso" and heavy == []

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import caption_on_litert_in_a_new_process
 
 from captioner.bundle import BundleError, load_bundle
 from captioner.captioner import Captioner
@@ -71,19 +72,9 @@ def test_beams_and_log_probs_match_tensorflows(both, shapes):
 
 def test_the_caption_path_imports_neither_tensorflow_nor_keras(model_dir, shapes):
     photo = shapes.images[shapes.splits["dev"][0]]
-    script = (
-        "import sys\n"
-        "from captioner import Captioner\n"
-        f"result = Captioner.load({str(model_dir)!r}, runtime='litert').caption({str(photo)!r})\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras', 'tf_keras'))\n"
-        "print(result.caption, '|', heavy)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
-                          check=True)
-    caption, heavy = done.stdout.strip().split(" | ")
-    assert caption and heavy == "[]", done.stdout
-    assert done.stderr == "", done.stderr  # not even LiteRT's XNNPACK notice
+    [caption], heavy, stderr = caption_on_litert_in_a_new_process(model_dir, photo)
+    assert caption and heavy == []
+    assert stderr == "", stderr  # not even LiteRT's XNNPACK notice
 
 
 def test_a_replaced_runtime_file_is_refused(model_dir, tmp_path):
