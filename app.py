@@ -176,6 +176,8 @@ def model_summary(captioner: Captioner) -> str:
              f"runs on {runtime_name(captioner)}"]
     if captioner.grid_shape:
         parts.insert(1, "attends over {}×{} regions".format(*captioner.grid_shape))
+    if bundle.members:
+        parts.insert(1, f"ensemble of {len(bundle.members)} models")
     if trained_on := (info.get("dataset") or {}).get("train_images"):
         parts.append(f"trained on {trained_on:,} photos")
     if (bleu4 := (info.get("best") or {}).get("val_bleu4")) is not None:

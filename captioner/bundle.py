@@ -8,6 +8,14 @@
     <bundle>/encoder.int8.tflite              the encoder quantised to int8 (optional, faster)
     <bundle>/familiarity.npy  training photos' features, to score how familiar a photo is (optional)
 
+An ensemble bundle holds several such bundles of one encoder and vocabulary, whose decoders
+caption together (`captioner.ensemble`):
+
+    <ensemble>/config.json    format version, model type "ensemble", the member folders, the encoder
+                              identity, decoding defaults
+    <ensemble>/members/0 .. members/N-1   complete bundles, each loaded as any bundle; the encoder's
+                              files and the familiarity data used are those of members/0
+
 Bundles may come from strangers, so loading runs no code from them and allocates nothing a
 config asks for before checking it: every field's type and range is checked, file sizes are
 bounded before a byte is read, the model file may name only Keras layers and the decoder's own
@@ -21,7 +29,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +42,7 @@ from captioner import familiarity as familiarity_data
 from captioner.decoding import DecodeOptions
 from captioner.errors import first_line
 from captioner.familiarity import Familiarity, FamiliarityError
-from captioner.fileio import atomic_path, atomic_write_bytes
+from captioner.fileio import atomic_path, atomic_write_bytes, atomic_write_text
 from captioner.text import SPECIAL_TOKENS, Vocabulary
 from captioner.version import __version__
 
@@ -63,6 +73,8 @@ MAX_ATTENTION_LAMBDA = 100.0
 # The decoder's own classes a model file may name, besides the decoder and its loss.
 INNER_CLASSES = {"ShowAttendTell": ("AttentionLSTMCell",)}
 ENCODER_FIELDS = {"name": str, "weights_id": str, "image_size": int, "feature_dim": int}
+ENSEMBLE = "ensemble"  # an ensemble bundle's model type
+MAX_MEMBERS = 8  # each member costs a decoder pass per word; more would only burn time and memory
 
 
 class BundleError(ValueError):
@@ -87,6 +99,30 @@ class Bundle:
     litert: dict = field(default_factory=dict)  # runtime file name -> its SHA-256
     directory: Path | None = None  # where it was loaded from
     familiarity: Familiarity | None = None  # training photos' features, to score photos against
+    members: tuple[Bundle, ...] = ()  # an ensemble's bundles (model type "ensemble"); () for one decoder
+
+    @property
+    def attends(self) -> bool:
+        """Whether the decoder (or one of an ensemble's) attends: it reads spatial maps and gives
+        attention weights."""
+        return self.model_type == "show-attend-tell" or any(m.attends for m in self.members)
+
+    @property
+    def primary(self) -> Bundle:
+        """The bundle whose encoder files and familiarity data serve this one: itself, or an
+        ensemble's first member."""
+        return self.members[0] if self.members else self
+
+    @property
+    def has_litert(self) -> bool:
+        """Whether it has the files to run on LiteRT (an ensemble: every member has)."""
+        return all(m.has_litert for m in self.members) if self.members else bool(self.litert)
+
+    def refuse_ensemble(self, action: str) -> None:
+        """A `BundleError` for an ensemble where one decoder is needed (`action` says for what)."""
+        if self.members:
+            raise BundleError(f"{self.directory}: an ensemble bundle; {action} its members (one model each) "
+                              "and build the ensemble again with `captioner ensemble`")
 
     def __post_init__(self) -> None:
         if self.model is not None:
@@ -127,18 +163,28 @@ def write_config(directory: Path, bundle: Bundle, litert: dict) -> None:
         "familiarity": bundle.familiarity.config() if bundle.familiarity is not None else None,
         "info": bundle.info,
     }
-    from captioner.fileio import atomic_write_text
-
     atomic_write_text(directory / CONFIG, json.dumps(config, indent=2, allow_nan=False) + "\n")
 
 
 def load_bundle(directory: str | Path, load_decoder: bool = True) -> Bundle:
-    """Load and validate a bundle; any problem raises `BundleError` with a one-line reason.
-    Without `load_decoder` the Keras decoder is not read (nor Keras imported): for LiteRT."""
+    """Load and validate a bundle (or an ensemble bundle, with its members); any problem raises
+    `BundleError` with a one-line reason. Without `load_decoder` the Keras decoders are not read
+    (nor Keras imported): for LiteRT."""
     directory = Path(directory)
+    config = _read_config(directory)
+    if isinstance(config, dict) and config.get("model_type") == ENSEMBLE:
+        return _load_ensemble(directory, config, load_decoder)
+    return _load_single(directory, config, load_decoder)
+
+
+def _read_config(directory: Path) -> Any:
     if not directory.is_dir():
         raise BundleError(f"{directory}: model bundle not found (expected a directory with {CONFIG})")
-    config = _check_config(directory, _read_json(directory, CONFIG, MAX_CONFIG_BYTES))
+    return _read_json(directory, CONFIG, MAX_CONFIG_BYTES)
+
+
+def _load_single(directory: Path, raw_config: Any, load_decoder: bool) -> Bundle:
+    config = _check_config(directory, raw_config)
     vocab = _read_vocab(directory)
     sizes, encoder = config["decoder"], config["encoder"]
     problems = []
@@ -167,6 +213,87 @@ def add_familiarity_file(bundle: Bundle, familiarity: Familiarity) -> None:
     atomic_write_bytes(bundle.directory / familiarity_data.FILENAME, familiarity.file_bytes())
     bundle.familiarity = familiarity
     write_config(bundle.directory, bundle, bundle.litert)
+
+
+def save_ensemble(sources: Sequence[str | Path], output: str | Path) -> Bundle:
+    """Build an ensemble bundle at `output` from 2 to `MAX_MEMBERS` bundles of one encoder and
+    vocabulary (an attention model first, if any): each is copied into `output/members/i` (the
+    files its config names), atomically; the decoding defaults are the first one's. Members that
+    cannot caption together are refused, by name. Returns it loaded (without Keras decoders)."""
+    if not 2 <= len(sources) <= MAX_MEMBERS:
+        raise BundleError(f"an ensemble takes 2 to {MAX_MEMBERS} models, got {len(sources)}")
+    members = []
+    for source in map(Path, sources):
+        config = _read_config(source)
+        if isinstance(config, dict) and config.get("model_type") == ENSEMBLE:
+            raise BundleError(f"{source}: an ensemble itself; give its members instead")
+        members.append(_load_single(source, config, load_decoder=False))
+    _check_members(members, [str(s) for s in sources], members[0].encoder)
+    names = _member_names(len(members))
+    output = Path(output)
+    with atomic_path(output) as tmp:
+        for bundle, name in zip(members, names):
+            (tmp / name).mkdir(parents=True)
+            for filename in _bundle_files(bundle):
+                path = _member(bundle.directory, filename)
+                try:
+                    shutil.copyfile(path, tmp / name / filename)
+                except OSError as e:
+                    raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
+        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "captioner_version": __version__,
+                  "model_type": ENSEMBLE, "members": names, "encoder": members[0].encoder,
+                  "decoding": members[0].decoding.to_dict(), "info": {}}
+        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2, allow_nan=False) + "\n")
+    return load_bundle(output, load_decoder=False)
+
+
+def _member_names(count: int) -> list[str]:
+    """An ensemble's member folders: fixed names, so a config never chooses a path."""
+    return [f"members/{i}" for i in range(count)]
+
+
+def _bundle_files(bundle: Bundle) -> list[str]:
+    """The files a loaded bundle of one decoder consists of."""
+    extra = [familiarity_data.FILENAME] if bundle.familiarity is not None else []
+    return [CONFIG, VOCAB, DECODER, *bundle.litert, *extra]
+
+
+def _load_ensemble(directory: Path, config: dict, load_decoder: bool) -> Bundle:
+    where = directory / CONFIG
+    if _check_format(directory, config) != FORMAT_VERSION:
+        raise BundleError(f"{where}: an ensemble's 'format_version' must be {FORMAT_VERSION}")
+    names = config.get("members")
+    if not isinstance(names, list) or not 2 <= len(names) <= MAX_MEMBERS or names != _member_names(len(names)):
+        raise BundleError(f"{where}: 'members' must list 2 to {MAX_MEMBERS} folders named members/0, members/1, "
+                          f"... in order, got {names!r:.100}")
+    encoder, decoding, info = _check_shared(where, config)
+    members = []
+    for name in names:
+        path = _member(directory, name)
+        members.append(_load_single(path, _read_config(path), load_decoder))
+    _check_members(members, [str(m.directory) for m in members], encoder)
+    first = members[0]
+    return Bundle(model=None, vocab=first.vocab, encoder=encoder, decoding=decoding, info=info, model_type=ENSEMBLE,
+                  directory=directory, familiarity=first.familiarity, members=tuple(members))
+
+
+def _check_members(members: Sequence[Bundle], names: Sequence[str], encoder: dict) -> None:
+    """Refuse, naming it, the first member that cannot caption with the first one on `encoder`."""
+    first = members[0]
+    for bundle, name in zip(members, names):
+        if bundle.encoder != encoder:
+            raise BundleError(f"{name}: trained on encoder {bundle.encoder['name']} "
+                              f"({bundle.encoder['weights_id'][:20]}), not the ensemble's {encoder['name']} "
+                              f"({encoder['weights_id'][:20]}); members must share one encoder")
+        if bundle.vocab != first.vocab:
+            raise BundleError(f"{name}: its vocabulary ({len(bundle.vocab):,} words) is not {names[0]}'s "
+                              f"({len(first.vocab):,} words); members must share one vocabulary")
+        if bundle.attends and not first.attends:
+            raise BundleError(f"{name}: an attention model must come first (the first member's encoder files "
+                              f"give what the ensemble reads, and {names[0]} has no attention)")
+        if bundle.attends and bundle.decoder_sizes["regions"] != first.decoder_sizes["regions"]:
+            raise BundleError(f"{name}: attends over {bundle.decoder_sizes['regions']} regions, "
+                              f"{names[0]} over {first.decoder_sizes['regions']}")
 
 
 def _read_familiarity(directory: Path, entry: dict | None, feature_dim: int) -> Familiarity | None:
@@ -276,31 +403,16 @@ def _whole(value: Any, low: int, high: int) -> bool:
 def _check_config(directory: Path, config: Any) -> dict:
     """The config with every field checked and `decoding` as `DecodeOptions`."""
     where = directory / CONFIG
-    if not isinstance(config, dict) or config.get("format") != FORMAT:
-        raise BundleError(f"{where}: not a captioner bundle config")
-    version = config.get("format_version")
-    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
-        raise BundleError(
-            f"{directory}: bundle format version {version!r} is not supported by captioner {__version__} "
-            f"(expects {FORMAT_VERSION}); retrain it or use a matching captioner release"
-        )
-    if version == 1:  # max_len sat beside the decoding defaults; the model type was implied
+    if _check_format(directory, config) == 1:  # max_len sat beside the decoding defaults; the model type was implied
         config = {**config, "model_type": "show-and-tell", "litert": {},
                   "decoding": {**(config.get("decoding") or {}), "max_len": config.get("max_len")}}
     model_type = config.get("model_type")
     if model_type not in MODEL_TYPES:
         raise BundleError(f"{where}: 'model_type' must be one of {', '.join(MODEL_TYPES)}, got {model_type!r}")
-    encoder = config.get("encoder")
-    if not isinstance(encoder, dict) or any(not isinstance(encoder.get(k), t) or isinstance(encoder.get(k), bool)
-                                            for k, t in ENCODER_FIELDS.items()):
-        raise BundleError(f"{where}: 'encoder' must give name, weights_id, image_size and feature_dim (text, text, number, number)")
-    if not _whole(encoder["image_size"], 1, 4096) or not _whole(encoder["feature_dim"], 1, DECODER_LIMITS["feature_dim"]):
-        raise BundleError(f"{where}: 'encoder' sizes out of range ({encoder['image_size']}, {encoder['feature_dim']})")
+    encoder, decoding, info = _check_shared(where, config)
     if not _whole(config.get("vocab_size"), len(SPECIAL_TOKENS), MAX_VOCAB_WORDS):
         raise BundleError(f"{where}: 'vocab_size' must be a whole number from 4 to {MAX_VOCAB_WORDS:,}, "
                           f"got {config.get('vocab_size')!r}")
-    if not isinstance(config.get("info", {}), dict):
-        raise BundleError(f"{where}: 'info' must be an object, got {type(config['info']).__name__}")
     _check_sizes(config.get("decoder"), where, "decoder", model_type)
     litert = config.get("litert", {})
     if (not isinstance(litert, dict) or not set(litert) <= set(LITERT_FILES)
@@ -309,12 +421,38 @@ def _check_config(directory: Path, config: Any) -> dict:
     familiarity = config.get("familiarity")
     if familiarity is not None:
         _check_familiarity(familiarity, where)
+    return {**config, "encoder": encoder, "decoding": decoding, "info": info, "litert": litert,
+            "familiarity": familiarity}
+
+
+def _check_format(directory: Path, config: Any) -> int:
+    """The config's format version, refused unless it is a captioner bundle's this release reads."""
+    if not isinstance(config, dict) or config.get("format") != FORMAT:
+        raise BundleError(f"{directory / CONFIG}: not a captioner bundle config")
+    version = config.get("format_version")
+    if version not in (1, FORMAT_VERSION) or isinstance(version, bool):
+        raise BundleError(
+            f"{directory}: bundle format version {version!r} is not supported by captioner {__version__} "
+            f"(expects {FORMAT_VERSION}); retrain it or use a matching captioner release"
+        )
+    return version
+
+
+def _check_shared(where: Path, config: dict) -> tuple[dict, DecodeOptions, dict]:
+    """The fields of every bundle config, an ensemble's too: encoder identity, decoding defaults, info."""
+    encoder = config.get("encoder")
+    if not isinstance(encoder, dict) or any(not isinstance(encoder.get(k), t) or isinstance(encoder.get(k), bool)
+                                            for k, t in ENCODER_FIELDS.items()):
+        raise BundleError(f"{where}: 'encoder' must give name, weights_id, image_size and feature_dim (text, text, number, number)")
+    if not _whole(encoder["image_size"], 1, 4096) or not _whole(encoder["feature_dim"], 1, DECODER_LIMITS["feature_dim"]):
+        raise BundleError(f"{where}: 'encoder' sizes out of range ({encoder['image_size']}, {encoder['feature_dim']})")
+    if not isinstance(config.get("info", {}), dict):
+        raise BundleError(f"{where}: 'info' must be an object, got {type(config['info']).__name__}")
     try:
         decoding = DecodeOptions.from_dict(config.get("decoding"))
     except (TypeError, ValueError) as e:
         raise BundleError(f"{where}: invalid decoding default {first_line(e)}") from None
-    return {**config, "encoder": encoder, "decoding": decoding, "info": config.get("info", {}), "litert": litert,
-            "familiarity": familiarity}
+    return encoder, decoding, config.get("info", {})
 
 
 def _check_familiarity(entry: Any, where: Path) -> None:

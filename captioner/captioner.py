@@ -11,6 +11,7 @@ import numpy as np
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
 from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
+from captioner.ensemble import step_model_for
 from captioner.familiarity import pooled
 from captioner.features import FeatureCache, GridEncoder, iter_features
 from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_source, load_image
@@ -76,9 +77,10 @@ class CaptionResult:
 
 
 class Captioner:
-    """A trained decoder bundle, the image encoder it was trained with, and the runtime that
-    runs the decoder (TensorFlow unless another `StepModel` is given). `feature_encoder` is what
-    the decoder reads: the encoder's pooled vectors, or its spatial maps for an attention model."""
+    """A trained decoder bundle (or an ensemble bundle), the image encoder it was trained with,
+    and the runtime that runs the decoder (TensorFlow unless another `StepModel` is given).
+    `feature_encoder` is what the decoder reads: the encoder's pooled vectors, or its spatial
+    maps for an attention model (or an ensemble with one)."""
 
     def __init__(self, bundle: Bundle, encoder, cache_dir: str | Path | None = None,
                  step_model: StepModel | None = None, cache_items: int = 4096):
@@ -94,18 +96,19 @@ class Captioner:
         if step_model is None:
             from captioner.runtime_tf import TensorFlowStep
 
-            step_model = TensorFlowStep(bundle.model)
+            step_model = step_model_for(bundle, lambda b: TensorFlowStep(b.model))
         self.step_model = step_model
         self.runtime = getattr(step_model, "runtime", type(step_model).__name__)  # "tf", "litert" or yours
         self.feature_encoder, self.grid_shape = encoder, None
-        if bundle.model_type == "show-attend-tell":
+        if bundle.attends:
             if getattr(encoder, "grid_shape", None) is None:
                 raise BundleError(f"{bundle.model_type} needs the encoder's spatial map, which "
                                   f"{type(encoder).__name__} does not give (it has no grid_shape)")
             self.feature_encoder = GridEncoder(encoder)
             self.grid_shape = self.feature_encoder.grid_shape
-            if self.feature_encoder.feature_shape[0] != bundle.decoder_sizes["regions"]:
-                raise BundleError(f"model attends over {bundle.decoder_sizes['regions']} regions but encoder "
+            regions = bundle.primary.decoder_sizes["regions"]
+            if self.feature_encoder.feature_shape[0] != regions:
+                raise BundleError(f"model attends over {regions} regions but encoder "
                                   f"{encoder.name} gives {self.grid_shape[0]}x{self.grid_shape[1]}")
         #: the encoder's ImageNet classifier, when its weights file has one (labels in results)
         self.head = ImageNetHead.for_encoder(bundle.encoder)
@@ -122,7 +125,7 @@ class Captioner:
         int8 encoder when it has one); "litert-float" the same with the float encoder, whose
         captions are TensorFlow's; "tf" runs the Keras decoder and encoder; "auto" takes "litert"
         when the bundle has its files, the interpreter is installed and the encoder weights are
-        the default ones.
+        the default ones. An ensemble bundle loads the same way, its members on the same runtime.
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
@@ -131,15 +134,15 @@ class Captioner:
             from captioner import runtime_litert
 
             bundle = load_bundle(directory, load_decoder=False)
-            usable = bool(bundle.litert) and runtime_litert.available() and encoder_weights == "default"
+            usable = bundle.has_litert and runtime_litert.available() and encoder_weights == "default"
             if runtime.startswith("litert") and not usable:
-                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.litert
+                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.has_litert
                        else "ai-edge-litert is not installed" if not runtime_litert.available()
                        else "other encoder weights need the TensorFlow runtime")
                 raise BundleError(f"{directory}: cannot run on LiteRT: {why}")
             if usable:
-                step = runtime_litert.LiteRTStep(bundle)
-                encoder = runtime_litert.LiteRTEncoder(bundle, int8=runtime != "litert-float")
+                step = step_model_for(bundle, runtime_litert.LiteRTStep)
+                encoder = runtime_litert.LiteRTEncoder(bundle.primary, int8=runtime != "litert-float")
                 return cls(bundle, encoder, cache_dir, step, cache_items)
         from captioner.encoder import ImageEncoder
 

@@ -182,6 +182,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", metavar="DIR", help="feature cache for --familiarity "
                    "(default: $CAPTIONER_HOME/features)")
 
+    p = sub.add_parser("ensemble", help="build an ensemble bundle: several models of one encoder captioning together",
+                       description="Copy 2 to 8 model bundles of one encoder and vocabulary into one ensemble "
+                       "bundle, whose decoders' next-word probabilities are averaged at every word. It loads as "
+                       "any bundle (--model DIR), on either runtime; its decoding defaults are the first model's, "
+                       "and an attention model, if any, must come first.")
+    p.add_argument("members", nargs="+", metavar="MODEL", help="model bundle folders, in order")
+    p.add_argument("--output", required=True, metavar="DIR", help="the ensemble bundle folder to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+
     p = sub.add_parser("make-shapes", help="generate the synthetic shapes dataset (demo and tests)")
     p.add_argument("output", metavar="DIR")
     p.add_argument("--images", type=int, default=300)
@@ -311,9 +320,10 @@ def _check_attention_output(args: argparse.Namespace) -> None:
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save-attention: {args.save_attention}: exists and is not a folder")
     model = args.model or paths.default_model()
-    model_type = load_bundle(model, load_decoder=False).model_type
-    if model_type != "show-attend-tell":
-        raise UsageError(f"--save-attention: {model} is a {model_type} model, which has no attention maps "
+    bundle = load_bundle(model, load_decoder=False)
+    if not bundle.attends:
+        article = "an" if bundle.members else "a"  # "an ensemble model"
+        raise UsageError(f"--save-attention: {model} is {article} {bundle.model_type} model, which has no attention maps "
                          "(use a bundle trained with --model-type show-attend-tell)")
 
 
@@ -493,6 +503,18 @@ def _export_familiarity(args: argparse.Namespace, model: Path, identity: dict) -
           f"{familiarity.threshold:.3f} passes {familiarity.dev_pass:.1%} of {familiarity.dev_photos:,} dev photos")
 
 
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from captioner.bundle import save_ensemble
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise UsageError(f"--output: {args.output} exists; add --overwrite to replace it")
+    bundle = save_ensemble(args.members, args.output)
+    for name, member in zip(args.members, bundle.members):
+        print(f"{member.directory}  <- {name} ({member.model_type})")
+    print(f"ensemble of {len(bundle.members)} models written to {args.output}")
+    return 0
+
+
 def cmd_make_shapes(args: argparse.Namespace) -> int:
     from captioner.synthetic import make_shapes_dataset
 
@@ -614,7 +636,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 COMMANDS = {"caption": cmd_caption, "extract-features": cmd_extract_features, "train": cmd_train,
-            "evaluate": cmd_evaluate, "export": cmd_export, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders,
+            "evaluate": cmd_evaluate, "export": cmd_export, "ensemble": cmd_ensemble, "make-shapes": cmd_make_shapes, "encoders": cmd_encoders,
             "beam": cmd_beam, "import-features": cmd_import_features, "serve": cmd_serve}
 
 

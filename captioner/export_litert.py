@@ -142,6 +142,7 @@ def add_litert_files(bundle_dir: str | Path, encoder: ImageEncoder | str = "defa
     from captioner.bundle import BundleError, load_bundle, write_config
 
     bundle = load_bundle(bundle_dir)
+    bundle.refuse_ensemble("export")
     if isinstance(encoder, str):
         encoder = ImageEncoder(bundle.encoder["name"], encoder)
     if encoder.describe() != bundle.encoder:

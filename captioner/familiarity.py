@@ -154,6 +154,7 @@ def add_familiarity(bundle_dir: str | Path, train_features: np.ndarray, dev_feat
     from captioner.bundle import add_familiarity_file, load_bundle
 
     bundle = load_bundle(bundle_dir, load_decoder=False)
+    bundle.refuse_ensemble("give familiarity data to")
     train, dev = pooled(train_features), pooled(dev_features)
     if train.shape[1] != bundle.encoder["feature_dim"]:
         raise FamiliarityError(f"{bundle_dir}: features have {train.shape[1]} values, the bundle's encoder "

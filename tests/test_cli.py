@@ -25,7 +25,7 @@ from captioner.synthetic import random_scene, render_scene
 
 ROOT = Path(__file__).resolve().parents[1]
 NOT_AN_IMAGE = "not an image in a supported format (JPEG, PNG, WebP, BMP, GIF or TIFF)"
-SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "export", "make-shapes", "encoders", "beam",
+SUBCOMMANDS = ["caption", "extract-features", "train", "evaluate", "export", "ensemble", "make-shapes", "encoders", "beam",
                "import-features", "serve"]
 
 
