@@ -147,8 +147,12 @@ def main(argv=None) -> int:
     print(f"{len(photos)} photos: {photo_source}; model {model}; load average {info['load_average_at_start']}")
 
     bundle_config = json.loads((Path(model) / "config.json").read_text())
+    if "baseline" in phases and "members" in bundle_config:
+        raise SystemExit(f"{model}: an ensemble; the tutorial baseline drives one Keras decoder (--phases cli,latency)")
     result: dict = {"machine": info, "config": {**vars(args), "model": model, "photos": photo_source},
-                     "model": {"decoder": bundle_config["decoder"], "encoder": bundle_config["encoder"]["name"],
+                     # An ensemble has no decoder of its own: its members' are in their configs.
+                     "model": {"decoder": bundle_config.get("decoder"), "members": bundle_config.get("members"),
+                               "encoder": bundle_config["encoder"]["name"],
                                "best": bundle_config.get("info", {}).get("best")}}
     runtimes = args.runtimes.split(",")
     result["matmul"] = common.matmul_gflops()  # this machine's rate, now: figures are read against it
