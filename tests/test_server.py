@@ -328,6 +328,20 @@ def test_concurrent_requests_share_passes_and_answer_as_if_alone(make_client, ph
     assert client.get("/healthz").json()["largest_pass"] == stats.largest
 
 
+def test_blas_runs_on_one_thread_while_serving_and_as_before_after(server_captioner, photos):
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before  # NumPy's BLAS is loaded, so there is something to limit
+    with TestClient(create_app(server_captioner)) as client:
+        assert blas_threads() == {1}
+        assert client.post(PREDICT_PATH, json={"instances": [{"b64": b64(photos["good_0.jpg"])}]}).status_code == 200
+    assert blas_threads() == before
+
+
 def test_seeded_sampling_is_never_shared_so_it_matches_alone(make_client, photos, expected):
     client = make_client(batch_window_ms=150)
     jobs = [(f"good_{i}.jpg", {"method": "sample", "seed": 7, "temperature": 1.5}) for i in range(4)]
