@@ -150,10 +150,7 @@ class Bundle:
 
 def write_config(directory: Path, bundle: Bundle, litert: dict) -> None:
     """The bundle's config.json, naming its runtime files by their SHA-256."""
-    config = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "captioner_version": __version__,
+    _write_config_json(directory, {
         "model_type": bundle.model_type,
         "encoder": bundle.encoder,
         "decoder": bundle.decoder_sizes,
@@ -162,7 +159,12 @@ def write_config(directory: Path, bundle: Bundle, litert: dict) -> None:
         "litert": litert,
         "familiarity": bundle.familiarity.config() if bundle.familiarity is not None else None,
         "info": bundle.info,
-    }
+    })
+
+
+def _write_config_json(directory: Path, fields: dict) -> None:
+    """`directory/config.json`: the format header, then `fields`."""
+    config = {"format": FORMAT, "format_version": FORMAT_VERSION, "captioner_version": __version__, **fields}
     atomic_write_text(directory / CONFIG, json.dumps(config, indent=2, allow_nan=False) + "\n")
 
 
@@ -183,7 +185,7 @@ def _read_config(directory: Path) -> Any:
     return _read_json(directory, CONFIG, MAX_CONFIG_BYTES)
 
 
-def _load_single(directory: Path, raw_config: Any, load_decoder: bool) -> Bundle:
+def _load_single(directory: Path, raw_config: Any, load_decoder: bool, read_familiarity: bool = True) -> Bundle:
     config = _check_config(directory, raw_config)
     vocab = _read_vocab(directory)
     sizes, encoder = config["decoder"], config["encoder"]
@@ -202,7 +204,8 @@ def _load_single(directory: Path, raw_config: Any, load_decoder: bool) -> Bundle
             problems.append(f"{DECODER} does not match the sizes in {CONFIG}")
     if problems:
         raise BundleError(f"{directory}: inconsistent bundle: {'; '.join(problems)}")
-    familiarity = _read_familiarity(directory, config["familiarity"], encoder["feature_dim"])
+    familiarity = (_read_familiarity(directory, config["familiarity"], encoder["feature_dim"])
+                   if read_familiarity else None)
     return Bundle(model=model, vocab=vocab, encoder=encoder, decoding=config["decoding"], info=config["info"],
                   model_type=config["model_type"], decoder_sizes=sizes, litert=config["litert"],
                   directory=directory, familiarity=familiarity)
@@ -240,10 +243,8 @@ def save_ensemble(sources: Sequence[str | Path], output: str | Path) -> Bundle:
                     shutil.copyfile(path, tmp / name / filename)
                 except OSError as e:
                     raise BundleError(f"{path}: unreadable ({e.strerror or e})") from None
-        config = {"format": FORMAT, "format_version": FORMAT_VERSION, "captioner_version": __version__,
-                  "model_type": ENSEMBLE, "members": names, "encoder": members[0].encoder,
-                  "decoding": members[0].decoding.to_dict(), "info": {}}
-        atomic_write_text(tmp / CONFIG, json.dumps(config, indent=2, allow_nan=False) + "\n")
+        _write_config_json(tmp, {"model_type": ENSEMBLE, "members": names, "encoder": members[0].encoder,
+                                 "decoding": members[0].decoding.to_dict(), "info": {}})
     return load_bundle(output, load_decoder=False)
 
 
@@ -268,9 +269,10 @@ def _load_ensemble(directory: Path, config: dict, load_decoder: bool) -> Bundle:
                           f"... in order, got {names!r:.100}")
     encoder, decoding, info = _check_shared(where, config)
     members = []
-    for name in names:
+    for i, name in enumerate(names):
         path = _member(directory, name)
-        members.append(_load_single(path, _read_config(path), load_decoder))
+        # Only the first member's familiarity data is used: the others' (up to 256 MiB each) stay unread.
+        members.append(_load_single(path, _read_config(path), load_decoder, read_familiarity=i == 0))
     _check_members(members, [str(m.directory) for m in members], encoder)
     first = members[0]
     return Bundle(model=None, vocab=first.vocab, encoder=encoder, decoding=decoding, info=info, model_type=ENSEMBLE,
@@ -353,7 +355,11 @@ def _member(directory: Path, filename: str) -> Path:
     """`directory/filename`, refused if it is a symlink leading out of the bundle: a bundle
     only ever reads its own fixed file names, never a path taken from its config."""
     path = directory / filename
-    if not path.resolve().is_relative_to(directory.resolve()):
+    try:
+        inside = path.resolve().is_relative_to(directory.resolve())
+    except (RuntimeError, OSError):  # Python 3.11 raises RuntimeError for a symlink loop
+        raise BundleError(f"{path}: a symlink loop or an unreadable link; refusing to read it") from None
+    if not inside:
         raise BundleError(f"{path}: points outside the bundle; refusing to read it")
     return path
 

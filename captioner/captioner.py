@@ -136,7 +136,10 @@ class Captioner:
             bundle = load_bundle(directory, load_decoder=False)
             usable = bundle.has_litert and runtime_litert.available() and encoder_weights == "default"
             if runtime.startswith("litert") and not usable:
-                why = ("the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.has_litert
+                missing = next((m.directory for m in bundle.members if not m.has_litert), None)
+                why = (f"its member {missing} has no LiteRT files (add them to the model it was copied from with "
+                       "`captioner export`, then run `captioner ensemble` again)" if missing
+                       else "the bundle has no LiteRT files (add them with `captioner export`)" if not bundle.has_litert
                        else "ai-edge-litert is not installed" if not runtime_litert.available()
                        else "other encoder weights need the TensorFlow runtime")
                 raise BundleError(f"{directory}: cannot run on LiteRT: {why}")

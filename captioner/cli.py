@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from captioner import paths
+from captioner.bundle import MAX_MEMBERS
 from captioner.captioner import RUNTIMES  # imports no TensorFlow: the runtimes load theirs when chosen
 from captioner.decoding import METHODS, DecodeOptions, OptionError
 from captioner.familiarity import UNFAMILIAR
@@ -183,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: $CAPTIONER_HOME/features)")
 
     p = sub.add_parser("ensemble", help="build an ensemble bundle: several models of one encoder captioning together",
-                       description="Copy 2 to 8 model bundles of one encoder and vocabulary into one ensemble "
+                       description=f"Copy 2 to {MAX_MEMBERS} model bundles of one encoder and vocabulary into one ensemble "
                        "bundle, whose decoders' next-word probabilities are averaged at every word. It loads as "
                        "any bundle (--model DIR), on either runtime; its decoding defaults are the first model's, "
                        "and an attention model, if any, must come first.")
@@ -321,9 +322,11 @@ def _check_attention_output(args: argparse.Namespace) -> None:
         raise UsageError(f"--save-attention: {args.save_attention}: exists and is not a folder")
     model = args.model or paths.default_model()
     bundle = load_bundle(model, load_decoder=False)
+    if bundle.members and not bundle.attends:
+        raise UsageError(f"--save-attention: {model} is an ensemble without an attention model first, which has "
+                         "no attention maps (an ensemble's maps are its first member's)")
     if not bundle.attends:
-        article = "an" if bundle.members else "a"  # "an ensemble model"
-        raise UsageError(f"--save-attention: {model} is {article} {bundle.model_type} model, which has no attention maps "
+        raise UsageError(f"--save-attention: {model} is a {bundle.model_type} model, which has no attention maps "
                          "(use a bundle trained with --model-type show-attend-tell)")
 
 
@@ -432,6 +435,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from captioner.self_critical import self_critical
 
         init = load_bundle(args.init or paths.default_model())
+        init.refuse_ensemble("fine-tune")
         encoder = ImageEncoder(args.encoder or init.encoder["name"], args.encoder_weights)
         bundle = self_critical(dataset, init, encoder, args.output, config, _cache_dir(args))
     else:
@@ -473,6 +477,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     model = args.model or paths.default_model()
     bundle = load_bundle(model, load_decoder=False)
+    bundle.refuse_ensemble("export")  # before minutes of encoding for --familiarity
     if args.familiarity:
         _export_familiarity(args, model, bundle.encoder)
         if bundle.litert and not args.int8_calibration:

@@ -9,7 +9,7 @@ one member rules out (log p = -inf, or nearly) keeps the others' mass instead of
 
 The members may be of either runtime's steps and of both model types: when one attends, the
 ensemble reads spatial maps [N, R, C] and gives the others their mean over the regions, which is
-the encoder's pooled vector. The bundle that holds an ensemble is `captioner.bundle`'s.
+the encoder's pooled vector (to float16 rounding, when the maps come from the feature cache). The bundle that holds an ensemble is `captioner.bundle`'s.
 """
 from __future__ import annotations
 

@@ -185,7 +185,7 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
     async def lifespan(app: FastAPI):
         # A pass's BLAS products (the ImageNet head, familiarity) are a few rows each: one thread
         # does them, and OpenBLAS's others only spin against LiteRT's threads and the upload
-        # threads. On 2 cores, one BLAS thread cut the server's CPU per photo by a quarter
+        # threads. On 2 cores, one BLAS thread cut the server's CPU per photo by 16-26 %
         # (docs/serve.md, "Load test"); the CLI runs no other threads beside them and gains nothing.
         with threadpool_limits(1, user_api="blas"):
             await batcher.start()

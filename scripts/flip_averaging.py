@@ -22,12 +22,15 @@ from captioner.images import load_image
 
 
 def main() -> None:
+    """Print the dev scores of both kinds of features."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="bundle (default: the shipped model)")
     parser.add_argument("--data", help="dataset folder (default: $CAPTIONER_DATA or data/flickr8k)")
     args = parser.parse_args()
 
     captioner = Captioner.load(args.model, cache_dir=paths.feature_cache_dir(), runtime="tf")
+    if captioner.grid_shape is not None:  # a mirrored map's regions are mirrored too: means would mix them
+        raise SystemExit(f"{args.model}: attends over regions; flip averaging here is for pooled-feature models")
     dataset = load_dataset(args.data or paths.default_data())
     encoder = captioner.feature_encoder
     ids, plain, _ = encode_photos(dataset.images, dataset.subset("dev").splits["dev"], encoder, captioner.cache)

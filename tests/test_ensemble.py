@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 from helpers import edit_config
 
-from captioner.bundle import MAX_MEMBERS, Bundle, BundleError, load_bundle, save_ensemble
+from captioner.bundle import MAX_MEMBERS, Bundle, BundleError, add_familiarity_file, load_bundle, save_ensemble
 from captioner.captioner import Captioner
 from captioner.cli import main
 from captioner.decoding import DecodeOptions, decode
 from captioner.ensemble import EnsembleStep, mean_probability
 from captioner.export_litert import add_litert_files
+from captioner.familiarity import build as build_familiarity
 from captioner.model import ShowAndTell, ShowAttendTell
 from captioner.quiet_tensorflow import keras, tf
 from captioner.runtime_tf import TensorFlowStep
@@ -230,6 +231,33 @@ def test_members_are_read_as_any_bundle_and_never_outside(members, tmp_path):
     shutil.copytree(tmp_path / "inner", tmp_path / "e" / "members" / "1")
     with pytest.raises(BundleError, match="members/1/config.json: 'model_type' must be one of"):
         load_bundle(tmp_path / "e")
+    # A member folder that is a symlink loop gets one line, not a traceback.
+    shutil.rmtree(tmp_path / "e" / "members" / "1")
+    (tmp_path / "e" / "members" / "1").symlink_to(tmp_path / "e" / "members" / "1")
+    with pytest.raises(BundleError, match="members/1: a symlink loop"):
+        load_bundle(tmp_path / "e")
+
+
+def test_only_the_first_members_familiarity_is_read(members, tmp_path):
+    save_ensemble([members["st_a"], members["st_b"]], tmp_path / "e")
+    rng = np.random.default_rng(0)
+    familiarity = build_familiarity(rng.normal(size=(40, 64)), rng.normal(size=(10, 64)))
+    for i in (0, 1):
+        add_familiarity_file(load_bundle(tmp_path / "e" / "members" / str(i), load_decoder=False), familiarity)
+    (tmp_path / "e" / "members" / "1" / "familiarity.npy").unlink()  # unread, so not missed
+    bundle = load_bundle(tmp_path / "e", load_decoder=False)
+    assert bundle.familiarity is not None and bundle.members[1].familiarity is None
+    (tmp_path / "e" / "members" / "0" / "familiarity.npy").unlink()
+    with pytest.raises(BundleError, match="members/0"):
+        load_bundle(tmp_path / "e", load_decoder=False)
+
+
+def test_litert_names_the_member_without_its_files(members, tmp_path):
+    save_ensemble([members["st_a"], members["st_b"]], tmp_path / "e")
+    edit_config(tmp_path / "e" / "members" / "1", litert={})
+    with pytest.raises(BundleError, match="its member .*members/1 has no LiteRT files .* `captioner ensemble` again"):
+        Captioner.load(tmp_path / "e", runtime="litert")
+    assert Captioner.load(tmp_path / "e").runtime == "tf"  # "auto" falls back to TensorFlow
 
 
 def test_an_ensemble_cannot_be_exported_into(members, tmp_path):
