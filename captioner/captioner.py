@@ -10,7 +10,7 @@ import numpy as np
 
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
-from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode
+from captioner.decoding import DecodeOptions, Hypothesis, StepModel, decode, runtime_name
 from captioner.ensemble import step_model_for
 from captioner.familiarity import pooled
 from captioner.features import FeatureCache, GridEncoder, iter_features
@@ -98,7 +98,7 @@ class Captioner:
 
             step_model = step_model_for(bundle, lambda b: TensorFlowStep(b.model))
         self.step_model = step_model
-        self.runtime = getattr(step_model, "runtime", type(step_model).__name__)  # "tf", "litert" or yours
+        self.runtime = runtime_name(step_model)
         self.feature_encoder, self.grid_shape = encoder, None
         if bundle.attends:
             if getattr(encoder, "grid_shape", None) is None:

@@ -128,19 +128,28 @@ def caption_texts(model: StepModel, vocab: Vocabulary, features: np.ndarray, opt
     return [vocab.decode(hyps[0].ids) for hyps in decode(model, features, options)]
 
 
+def runtime_name(model: StepModel) -> str:
+    """What runs `model`: its `runtime` ("tf", "litert") or, for a step model of your own, its class name."""
+    return getattr(model, "runtime", type(model).__name__)
+
+
+def attends(model: StepModel) -> bool:
+    """Whether `model` attends: one of its states holds the weights behind each step's words."""
+    return getattr(model, "attention_state", None) is not None
+
+
 def _attention(model: StepModel, states: list[np.ndarray]) -> np.ndarray | None:
     """The weights behind the last step's log-probabilities [B, R], if the model attends."""
-    index = getattr(model, "attention_state", None)
-    return None if index is None else states[index]
+    return states[model.attention_state] if attends(model) else None
 
 
 def _beam_search(model: StepModel, features: np.ndarray, k: int, options: DecodeOptions) -> list[list[Hypothesis]]:
     n, end = len(features), Vocabulary.end_id
     states, context = model.initial_state(features)
     states = [np.repeat(s, k, axis=0) for s in states]
-    attends = _attention(model, states) is not None
+    attending = attends(model)
     # Per beam, the weights behind each word so far [n*k, t, R], reordered with the beams.
-    seen = np.zeros((n * k, 0, states[model.attention_state].shape[1] if attends else 0), np.float32)
+    seen = np.zeros((n * k, 0, states[model.attention_state].shape[1] if attending else 0), np.float32)
     tokens = np.full(n * k, Vocabulary.start_id, np.int32)
     # Every beam of an image starts identical: only beam 0 may expand at the first step.
     scores = np.tile(np.r_[0.0, np.full(k - 1, -np.inf)], n)
@@ -169,7 +178,7 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
                 ids = history[i * k + beam[i, r]].tolist()
                 lp = float(top_scores[i, r])
                 finished[alive[i]].append(Hypothesis(ids, lp, lp / (len(ids) + 1) ** options.length_penalty,
-                                                     seen[i * k + beam[i, r]] if attends else None))
+                                                     seen[i * k + beam[i, r]] if attending else None))
         done = np.array([len(finished[a]) >= k for a in alive])
         if done.all():
             break
@@ -181,7 +190,7 @@ def _beam_search(model: StepModel, features: np.ndarray, k: int, options: Decode
         scores = np.take_along_axis(top_scores, pick, axis=1).ravel()
         history = np.concatenate([history[src], tokens[:, None]], axis=1)
         states = [s[src] for s in states]
-        if attends:  # the new word's weights: those its source beam's step just used
+        if attending:  # the new word's weights: those its source beam's step just used
             seen = np.concatenate([seen[src], _attention(model, states)[:, None]], axis=1)
         if done.any():  # finished images leave the search
             rows = np.repeat(~done, k)
@@ -194,7 +203,7 @@ def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> l
     rng = np.random.default_rng(options.seed)
     n, end = len(features), Vocabulary.end_id
     states, context = model.initial_state(features)
-    attends = _attention(model, states) is not None
+    attending = attends(model)
     weights = []  # the attention behind each step's word [n, R]
     tokens = np.full(n, Vocabulary.start_id, np.int32)
     ids = np.zeros((n, 0), np.int32)
@@ -202,7 +211,7 @@ def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> l
     images = np.arange(n)  # every image keeps its row, finished or not
     for _ in range(options.max_len):
         log_probs, states = model.step(tokens, states, context, images)
-        if attends:
+        if attending:
             weights.append(_attention(model, states))
         # softmax(log_softmax(z) / T) == softmax(z / T): temperature needs no second model call
         z = np.asarray(log_probs, np.float64) / options.temperature
@@ -214,10 +223,10 @@ def _sample(model: StepModel, features: np.ndarray, options: DecodeOptions) -> l
         alive &= tokens != end
         if not alive.any():
             break
-    seen = np.stack(weights, axis=1) if attends else None  # [n, steps, R]
+    seen = np.stack(weights, axis=1) if attending else None  # [n, steps, R]
     out = []
     for i, (row, lp) in enumerate(zip(ids, log_prob)):
         words = row.tolist()
         words = words[: words.index(end)] if end in words else words
-        out.append(Hypothesis(words, float(lp), float(lp), seen[i, : len(words)] if attends else None))
+        out.append(Hypothesis(words, float(lp), float(lp), seen[i, : len(words)] if attending else None))
     return out

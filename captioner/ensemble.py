@@ -18,12 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from captioner.decoding import StepModel
+from captioner.decoding import StepModel, attends, runtime_name
 from captioner.familiarity import pooled
-
-
-def _attends(member: StepModel) -> bool:
-    return getattr(member, "attention_state", None) is not None
 
 
 class EnsembleStep:
@@ -37,16 +33,16 @@ class EnsembleStep:
     def __init__(self, members: Sequence[StepModel]):
         if len(members) < 2:
             raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
-        runtimes = {getattr(m, "runtime", type(m).__name__) for m in members}
+        runtimes = {runtime_name(m) for m in members}
         if len(runtimes) > 1:
             raise ValueError(f"ensemble members must run on one runtime, got {', '.join(sorted(runtimes))}")
-        if any(_attends(m) for m in members[1:]) and not _attends(members[0]):
+        if any(attends(m) for m in members[1:]) and not attends(members[0]):
             raise ValueError("an attention member must come first in an ensemble (its maps are the ensemble's)")
         self.members = list(members)
         self.runtime = runtimes.pop()
         #: which state holds the last step's attention weights: the first member's, if it attends
         self.attention_state: int | None = getattr(members[0], "attention_state", None)
-        self._reads_grids = [_attends(m) for m in members]
+        self._reads_grids = [attends(m) for m in members]
 
     def initial_state(self, features: np.ndarray) -> tuple[list[np.ndarray], Any]:
         features = np.asarray(features, np.float32)
