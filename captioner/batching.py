@@ -3,13 +3,15 @@ limits, and micro-batching, by which photos of concurrent requests share one enc
 decoder pass.
 
 Requests put their photos on a queue and await a future per photo. One worker takes the first
-waiting photo, gathers more for up to `window_ms` (or until `max_batch` photos), groups them by
-decoding options (photos decoded with other options cannot share a pass) and runs each group
-through the caption function on the batcher's own thread, so the event loop keeps accepting and
-reading requests meanwhile. One long-lived thread runs every pass (the runtime runs one at a time
-anyway): a pass never waits for a free worker of the event loop's shared pool, and its large
-arrays come from one allocator arena rather than from one per worker. While a pass runs, new
-photos queue up, so under load batches fill by themselves and the window costs nothing.
+waiting photo, gathers more until `window_ms` after that photo arrived (or until `max_batch`
+photos), groups them by decoding options (photos decoded with other options cannot share a pass)
+and runs each group through the caption function on the batcher's own thread, so the event loop
+keeps accepting and reading requests meanwhile. One long-lived thread runs every pass (the runtime
+runs one at a time anyway): a pass never waits for a free worker of the event loop's shared pool,
+and its large arrays come from one allocator arena rather than from one per worker. While a pass
+runs, new photos queue up, so under load batches fill by themselves and the window costs nothing:
+it counts from the first photo's arrival (as TensorFlow Serving's `batch_timeout_micros` does), so
+photos that waited through a pass start the next one at once.
 """
 from __future__ import annotations
 
@@ -95,6 +97,7 @@ class _Item:
     group: Hashable  # photos of one group may share a pass
     request: int
     future: asyncio.Future
+    arrived: float = field(default_factory=time.monotonic)
 
 
 class MicroBatcher(Generic[Options, Result]):
@@ -161,7 +164,7 @@ class MicroBatcher(Generic[Options, Result]):
     async def _run(self) -> None:
         while True:
             batch = [await self._queue.get()]
-            deadline = time.monotonic() + self.window
+            deadline = batch[0].arrived + self.window
             while len(batch) < self.max_batch:
                 timeout = deadline - time.monotonic()
                 if timeout <= 0 and self._queue.empty():

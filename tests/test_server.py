@@ -6,6 +6,7 @@ except where a real socket matters. Every network call is to 127.0.0.1 and has a
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -326,6 +327,37 @@ def test_concurrent_requests_share_passes_and_answer_as_if_alone(make_client, ph
     assert stats.requests_merged >= 1 and stats.largest > 1  # photos of several requests in one pass
     assert stats.passes < len(jobs)
     assert client.get("/healthz").json()["largest_pass"] == stats.largest
+
+
+def test_photos_queued_during_a_pass_start_the_next_at_once():
+    """The window counts from a photo's arrival (TF Serving's batch_timeout_micros): a photo that
+    waited through a pass longer than the window is not held for a fresh window after it."""
+    from captioner.batching import MicroBatcher
+
+    window, first_pass = 0.4, 0.6
+    passes: list[tuple[float, float, list]] = []
+
+    def caption(sources, options):
+        start = time.monotonic()
+        time.sleep(first_pass if not passes else 0)
+        passes.append((start, time.monotonic(), list(sources)))
+        return [f"caption of {s}" for s in sources]
+
+    async def scenario():
+        batcher = MicroBatcher(caption, window_ms=window * 1000)
+        await batcher.start()
+        first = asyncio.create_task(batcher.submit(["a"], "beam"))
+        await asyncio.sleep(window + 0.1)  # the first pass is under way
+        second = await batcher.submit(["b"], "beam")
+        assert await first == ["caption of a"] and second == ["caption of b"]
+        await batcher.stop()
+
+    began = time.monotonic()
+    asyncio.run(scenario())
+    (start_1, end_1, sources_1), (start_2, _, sources_2) = passes
+    assert (sources_1, sources_2) == (["a"], ["b"])
+    assert start_1 - began >= window * 0.9  # a lone photo waits its window once
+    assert start_2 - end_1 < window / 2  # the old rule waited a whole window more here
 
 
 def test_blas_runs_on_one_thread_while_serving_and_as_before_after(server_captioner, photos):
