@@ -241,6 +241,7 @@ def main(argv=None) -> int:
         print(f"CLI again: {cli_after['photos_per_s']:.1f} photos/s")
     cli = {"before": cli_before, "after": cli_after,
            "photos_per_s": (cli_before["photos_per_s"] + cli_after["photos_per_s"]) / 2}
+    matmul = common.matmul_gflops()  # this machine's rate, after the load: photos/s are read against it
 
     good = [r for r in records if r["kind"] == "good"]
     ok = [r for r in good if r["status"] == 200]
@@ -257,6 +258,7 @@ def main(argv=None) -> int:
         "clients_cpu_ms_per_request": round(1000 * clients_cpu / max(len(records), 1), 1),
         "server_cores_busy": round(server_cpu / seconds, 2), "clients_cores_busy": round(clients_cpu / seconds, 2),
         "ratio_to_cli": round(photos_per_s / cli["photos_per_s"], 3),
+        "photos_per_s_per_matmul_gflops": round(photos_per_s / matmul["best_gflops"], 3),
         "p50_ms": round(1000 * percentile(latencies, 50), 1), "p99_ms": round(1000 * percentile(latencies, 99), 1),
         "good_captioned": len(ok), "good_sent": len(good), "bad_sent": len(records) - len(good),
         "errors_by_kind": dict(by_kind), "server_errors_5xx": sum(r["status"] >= 500 for r in records),
@@ -279,7 +281,8 @@ def main(argv=None) -> int:
                 title=f"captioner serve, {args.clients} clients, {len(records)} requests (model {args.model})")
     print_table([{"answer": k, "count": v} for k, v in sorted(by_kind.items())], title="answers other than 200")
     print_table([{"target": k, "met": "yes" if v else "NO"} for k, v in targets.items()], title="targets")
-    write_result("serve_load", {"machine": info, "model": args.model, "cli": cli, "serve": result,
+    print(f"this machine's float32 matmul rate in this run: {matmul['best_gflops']:.0f} GFLOP/s (best of 7)")
+    write_result("serve_load", {"machine": info, "matmul": matmul, "model": args.model, "cli": cli, "serve": result,
                                 "server_rss_mib_every_second": samples,
                                 "targets": targets}, args.output)
     return 0 if all(targets.values()) else 1
