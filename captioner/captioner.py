@@ -1,12 +1,14 @@
 """The `Captioner`: photos in, sentences out. The one API the CLI, the app and notebooks use."""
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from captioner import paths
 from captioner.bundle import Bundle, BundleError, load_bundle
@@ -18,6 +20,11 @@ from captioner.images import MAX_PIXELS, ImageError, ImageSource, describe_sourc
 from captioner.recognition import ImageNetHead, Labels
 
 RUNTIMES = ("auto", "litert", "litert-float", "tf")
+
+
+@functools.cache
+def _blas() -> ThreadpoolController:
+    return ThreadpoolController()
 
 
 @dataclass(frozen=True)
@@ -194,12 +201,16 @@ class Captioner:
         if (self.head is None and self.bundle.familiarity is None) or not len(features):
             return about
         vectors = pooled(features)
-        if self.head is not None:
-            for fields, labels in zip(about, self.head.top(vectors)):
-                fields["labels"] = labels
-        if (familiarity := self.bundle.familiarity) is not None:
-            for fields, score in zip(about, familiarity.scores(vectors)):
-                fields.update(familiarity=float(score), familiarity_threshold=familiarity.threshold)
+        # A batch's rows times the ImageNet head and the familiarity reference: products too small
+        # to share, after which a second OpenBLAS thread spins against the runtime's and other
+        # threads (a server's: 16-26 % more CPU a photo on 2 cores, docs/serve.md).
+        with _blas().limit(limits=1, user_api="blas"):
+            if self.head is not None:
+                for fields, labels in zip(about, self.head.top(vectors)):
+                    fields["labels"] = labels
+            if (familiarity := self.bundle.familiarity) is not None:
+                for fields, score in zip(about, familiarity.scores(vectors)):
+                    fields.update(familiarity=float(score), familiarity_threshold=familiarity.threshold)
         return about
 
     def load_photo(self, source: ImageSource, max_pixels: int = MAX_PIXELS) -> np.ndarray:

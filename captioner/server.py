@@ -32,7 +32,6 @@ from fastapi.responses import JSONResponse
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
-from threadpoolctl import threadpool_limits
 
 from captioner.batching import BatcherBusy, BatcherClosed, MicroBatcher, ServerLimits
 from captioner.decoding import DecodeOptions, OptionError
@@ -183,18 +182,13 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        # A pass's BLAS products (the ImageNet head, familiarity) are a few rows each: one thread
-        # does them, and OpenBLAS's others only spin against LiteRT's threads and the upload
-        # threads. On 2 cores, one BLAS thread cut the server's CPU per photo by 16-26 %
-        # (docs/serve.md, "Load test"); the CLI runs no other threads beside them and gains nothing.
-        with threadpool_limits(1, user_api="blas"):
-            await batcher.start()
-            loading = asyncio.create_task(load())
-            if isinstance(captioner_or_loader, Captioner):
-                await loading  # nothing to wait for: ready before the first request
-            yield
-            loading.cancel()
-            await batcher.stop()  # uvicorn has let in-flight requests finish; this drains what is queued
+        await batcher.start()
+        loading = asyncio.create_task(load())
+        if isinstance(captioner_or_loader, Captioner):
+            await loading  # nothing to wait for: ready before the first request
+        yield
+        loading.cancel()
+        await batcher.stop()  # uvicorn has let in-flight requests finish; this drains what is queued
 
     app = FastAPI(title="captioner", version=_version(), lifespan=lifespan,
                   description="Captions for photos: TensorFlow Serving's predict API and multipart uploads.")

@@ -360,22 +360,6 @@ def test_photos_queued_during_a_pass_start_the_next_at_once():
     assert start_2 - end_1 < window / 2  # the old rule waited a whole window more here
 
 
-def test_blas_runs_on_one_thread_while_serving_and_as_before_after(server_captioner, photos):
-    from threadpoolctl import threadpool_info
-
-    def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-
-    # OpenBLAS's own default (a limit set here first would pin it: OpenBLAS then ignores a limit set
-    # from the thread TestClient runs the app in), one thread per core: more than one on CI's 2 cores.
-    before = blas_threads()
-    assert before and (max(before) > 1 or len(os.sched_getaffinity(0)) == 1)
-    with TestClient(create_app(server_captioner)) as client:
-        assert blas_threads() == {1}
-        assert client.post(PREDICT_PATH, json={"instances": [{"b64": b64(photos["good_0.jpg"])}]}).status_code == 200
-    assert blas_threads() == before
-
-
 def test_seeded_sampling_is_never_shared_so_it_matches_alone(make_client, photos, expected):
     client = make_client(batch_window_ms=150)
     jobs = [(f"good_{i}.jpg", {"method": "sample", "seed": 7, "temperature": 1.5}) for i in range(4)]
