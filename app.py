@@ -332,9 +332,9 @@ def choose_model() -> tuple[Path, bool]:
         return named[name], True
     default = "$CAPTIONER_MODEL" if os.environ.get("CAPTIONER_MODEL") else "the shipped model"
     typed = st.sidebar.text_input("Model bundle", key="model_dir", placeholder=f"default: {default}",
-                                  help="A folder written by `captioner train` (e.g. `runs/x/model`). "
+                                  help="A folder written by `captioner train` (e.g. `runs/x/model`) or a shipped model's name. "
                                   "Empty: the shipped model, or `$CAPTIONER_MODEL` if set.").strip()
-    return (Path(typed) if typed else paths.default_model()), bool(typed)
+    return paths.model_dir(typed or None), bool(typed)
 
 
 def main() -> None:

@@ -137,7 +137,7 @@ def main(argv=None) -> int:
     from captioner import paths
     from captioner.captioner import Captioner
 
-    model = str(args.model or paths.default_model())
+    model = str(paths.model_dir(args.model))
     if not (Path(model) / "config.json").is_file():
         raise SystemExit(f"{model}: no model bundle; pass --model DIR (see bench/README.md)")
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_caption_"))

@@ -126,7 +126,8 @@ class Captioner:
     @classmethod
     def load(cls, model: str | Path | None = None, encoder_weights: str = "default",
              cache_dir: str | Path | None = None, runtime: str = "auto", cache_items: int = 4096) -> Captioner:
-        """Load a bundle (default: `$CAPTIONER_MODEL` or the shipped model) and its encoder.
+        """Load a bundle (a folder or a shipped model's name; default: `$CAPTIONER_MODEL` or the
+        shipped model) and its encoder.
 
         `runtime`: "litert" runs the bundle's .tflite files without importing TensorFlow (with its
         int8 encoder when it has one); "litert-float" the same with the float encoder, whose
@@ -136,7 +137,7 @@ class Captioner:
         """
         if runtime not in RUNTIMES:
             raise ValueError(f"runtime must be one of {', '.join(RUNTIMES)}, got {runtime!r}")
-        directory = model or paths.default_model()
+        directory = paths.model_dir(model)
         if runtime != "tf":
             from captioner import runtime_litert
 

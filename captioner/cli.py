@@ -58,7 +58,8 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_option(p: argparse.ArgumentParser, runtime: bool = True) -> None:
-    p.add_argument("--model", metavar="DIR", help="model bundle directory (default: $CAPTIONER_MODEL or the shipped model)")
+    p.add_argument("--model", metavar="MODEL", help="model bundle folder, or a shipped model's name "
+                   f"({', '.join(paths.shipped_models())}; default: $CAPTIONER_MODEL or the shipped model)")
     p.add_argument("--encoder-weights", default="default", metavar="W",
                    help="encoder weights: 'default' (offline file), 'imagenet' (Keras download) or a .weights.h5 path")
     if runtime:
@@ -188,7 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "bundle, whose decoders' next-word probabilities are averaged at every word. It loads as "
                        "any bundle (--model DIR), on either runtime; its decoding defaults are the first model's, "
                        "and an attention model, if any, must come first.")
-    p.add_argument("members", nargs="+", metavar="MODEL", help="model bundle folders, in order")
+    p.add_argument("members", nargs="+", metavar="MODEL", help="model bundle folders or shipped models' names, in order")
     p.add_argument("--output", required=True, metavar="DIR", help="the ensemble bundle folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
 
@@ -277,13 +278,34 @@ def decode_options(args: argparse.Namespace, defaults: DecodeOptions = _DEFAULTS
         raise UsageError(f"{flag}: {e.reason}") from None
 
 
+def _model_folder(flag: str, model: str) -> Path:
+    """The bundle folder that `model` (a folder or a shipped model's name) names, or a usage error."""
+    folder = paths.model_dir(model)
+    if not folder.is_dir():
+        raise UsageError(f"{flag}: {model}: no such model bundle folder, nor a shipped model's name "
+                         f"({', '.join(paths.shipped_models())})")
+    return folder
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, before TensorFlow is imported."""
-    if args.command in ("caption", "evaluate", "export"):
-        if args.command != "export":
-            decode_options(args)
-        if args.model and not Path(args.model).is_dir():
-            raise UsageError(f"--model: {args.model}: no such model bundle folder")
+    if args.command in ("caption", "evaluate"):
+        decode_options(args)
+    if args.command == "train":
+        if args.init and not args.scst:
+            raise UsageError("--init: starts self-critical training; add --scst")
+        if args.scst and args.distribute != "none":
+            raise UsageError("--distribute: self-critical training runs on one device")
+        if args.scst and (args.train_features or args.dev_features):
+            raise UsageError("--train-features: self-critical training reads the feature cache "
+                             "(fill it with `captioner import-features PREFIX`)")
+        if args.dev_features and not args.train_features:
+            raise UsageError("--dev-features: goes with --train-features (features of both splits from shards)")
+    for flag in ("model", "init"):
+        if getattr(args, flag, None):
+            setattr(args, flag, _model_folder(f"--{flag}", getattr(args, flag)))
+    if args.command == "ensemble":
+        args.members = [_model_folder("MODEL", member) for member in args.members]
     if args.command == "caption":
         if args.resume and not args.output:
             raise UsageError("--resume: continues an --output file; give -o FILE")
@@ -293,18 +315,6 @@ def check_args(args: argparse.Namespace) -> None:
             raise UsageError("--batch-size: must be at least 1")
         if args.save_attention:
             _check_attention_output(args)
-    if args.command == "train":
-        if args.init and not args.scst:
-            raise UsageError("--init: starts self-critical training; add --scst")
-        if args.init and not Path(args.init).is_dir():
-            raise UsageError(f"--init: {args.init}: no such model bundle folder")
-        if args.scst and args.distribute != "none":
-            raise UsageError("--distribute: self-critical training runs on one device")
-        if args.scst and (args.train_features or args.dev_features):
-            raise UsageError("--train-features: self-critical training reads the feature cache "
-                             "(fill it with `captioner import-features PREFIX`)")
-        if args.dev_features and not args.train_features:
-            raise UsageError("--dev-features: goes with --train-features (features of both splits from shards)")
     if getattr(args, "data", "") is None:
         args.data = paths.default_data()
         if not Path(args.data).exists():
@@ -320,7 +330,7 @@ def _check_attention_output(args: argparse.Namespace) -> None:
     folder = Path(args.save_attention)
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--save-attention: {args.save_attention}: exists and is not a folder")
-    model = args.model or paths.default_model()
+    model = paths.model_dir(args.model)
     bundle = load_bundle(model, load_decoder=False)
     if bundle.members and not bundle.attends:
         raise UsageError(f"--save-attention: {model} is an ensemble without an attention model first, which has "
@@ -434,7 +444,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         from captioner.encoder import ImageEncoder
         from captioner.self_critical import self_critical
 
-        init = load_bundle(args.init or paths.default_model())
+        init = load_bundle(paths.model_dir(args.init))
         init.refuse_ensemble("fine-tune")
         encoder = ImageEncoder(args.encoder or init.encoder["name"], args.encoder_weights)
         bundle = self_critical(dataset, init, encoder, args.output, config, _cache_dir(args))
@@ -475,7 +485,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from captioner.data import load_dataset
     from captioner.export_litert import add_litert_files, calibration_photos
 
-    model = args.model or paths.default_model()
+    model = paths.model_dir(args.model)
     bundle = load_bundle(model, load_decoder=False)
     bundle.refuse_ensemble("export")  # before minutes of encoding for --familiarity
     if args.familiarity:
@@ -546,8 +556,6 @@ def _beam_caption(args: argparse.Namespace) -> int:
     from functools import partial
 
     decode_options(args)  # a bad flag fails here, not on every worker
-    if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"--model: {args.model}: no such model bundle folder")
     from captioner.beam import CaptionerModelHandler, caption_job
 
     flags = argparse.Namespace(**{name: getattr(args, name, None) for name in [*DECODE_FLAGS, "top"]})
@@ -600,8 +608,6 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     from captioner.batching import ServerLimits
 
-    if args.model and not Path(args.model).is_dir():
-        raise UsageError(f"--model: {args.model}: no such model bundle folder")
     if not 0 < args.port < 65536:
         raise UsageError(f"--port: must be from 1 to 65535, got {args.port}")
     try:

@@ -1,7 +1,8 @@
 """Where captioner finds and keeps things. The only module that reads its environment variables.
 
     CAPTIONER_HOME   caches and converted encoder weights (default ~/.cache/captioner)
-    CAPTIONER_MODEL  the model bundle used when none is named (default: the shipped model)
+    CAPTIONER_MODEL  the model bundle used when none is named, a folder or a shipped model's name
+                     (default: the shipped model "default")
     CAPTIONER_DATA   the dataset folder used when none is named (default: data/flickr8k in the
                      project's checkout, the folder the README says to unpack Flickr8k into)
 """
@@ -12,7 +13,8 @@ from pathlib import Path
 
 ASSETS = Path(__file__).parent / "assets"
 ENCODER_ASSETS = ASSETS / "encoders"  # converted encoder weights shipped with the package, ImageNet class names
-SHIPPED_MODEL = ASSETS / "models" / "default"
+MODELS = ASSETS / "models"  # the bundles shipped with the package, one folder each, named by it
+SHIPPED_MODEL = MODELS / "default"
 CHECKOUT = Path(__file__).resolve().parents[1]  # the project folder for the README's `pip install -e .`
 
 
@@ -41,9 +43,18 @@ def encoder_weights_files(name: str) -> list[Path]:
     return [ENCODER_ASSETS / f"{name}.weights.h5", encoder_weights_dir() / f"{name}.weights.h5"]
 
 
-def default_model() -> Path:
-    """The bundle used when none is named: `$CAPTIONER_MODEL`, else the shipped model."""
-    return _setting("CAPTIONER_MODEL", SHIPPED_MODEL)
+def shipped_models() -> list[str]:
+    """The names of the bundles shipped with the package ("default", ...)."""
+    return sorted(p.name for p in MODELS.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+
+
+def model_dir(model: str | Path | None = None) -> Path:
+    """The bundle folder `model` names: a folder, else a shipped model's name (a folder of that
+    name wins); None: `$CAPTIONER_MODEL`, else the shipped model."""
+    path = _setting("CAPTIONER_MODEL", SHIPPED_MODEL) if model is None else Path(model).expanduser()
+    if not path.exists() and len(path.parts) == 1 and path.name in shipped_models():
+        return MODELS / path.name
+    return path
 
 
 def default_data() -> Path:

@@ -7,7 +7,8 @@ import pytest
 import skimage.data
 
 from captioner.captioner import Captioner
-from captioner.paths import SHIPPED_MODEL
+from captioner import cli
+from captioner.paths import SHIPPED_MODEL, model_dir, shipped_models
 from captioner.encoder import ImageEncoder
 from captioner.synthetic import random_scene, render_scene
 from captioner.text import tokenize
@@ -60,3 +61,23 @@ def test_the_examples_get_labels_and_only_the_person_passes_as_familiar(captione
     assert results["chelsea"].labels[0][0] in {"tabby", "tiger cat", "Egyptian cat"}
     assert {name for name, result in results.items() if result.unfamiliar} == {"chelsea", "coffee", "rocket"}
     assert captioner.bundle.familiarity.dev_pass == pytest.approx(0.95, abs=0.01)
+
+
+def test_shipped_models_are_named_by_their_folder(tmp_path, monkeypatch, capsys):
+    """`--model NAME`, `Captioner.load(NAME)` and `$CAPTIONER_MODEL=NAME` take a shipped bundle's
+    name; a folder of that name, where there is one, wins; a wrong name is one line listing them."""
+    monkeypatch.delenv("CAPTIONER_MODEL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert "default" in shipped_models()
+    assert model_dir("default") == model_dir() == SHIPPED_MODEL
+    assert Captioner.load("default").bundle.directory.resolve() == SHIPPED_MODEL.resolve()
+    monkeypatch.setenv("CAPTIONER_MODEL", "default")
+    assert model_dir() == SHIPPED_MODEL
+    (tmp_path / "default").mkdir()
+    assert model_dir("default") == Path("default")
+    assert model_dir("runs/default") == Path("runs/default")  # a path is never a name
+
+    assert cli.main(["caption", "photo.jpg", "--model", "nosuch"]) == 2
+    error = capsys.readouterr().err
+    assert error.count("\n") == 1 and "--model: nosuch: no such model bundle folder" in error
+    assert all(name in error for name in shipped_models())

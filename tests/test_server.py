@@ -623,6 +623,6 @@ def test_serve_command_refuses_a_missing_model_before_starting(tmp_path):
     from captioner import cli
 
     with pytest.raises(cli.UsageError, match="--model: .*: no such model bundle folder"):
-        cli.cmd_serve(cli.build_parser().parse_args(["serve", "--model", str(tmp_path / "nope")]))
+        cli.check_args(cli.build_parser().parse_args(["serve", "--model", str(tmp_path / "nope")]))
     with pytest.raises(cli.UsageError, match="--max-images: must be a whole number of at least 1"):
         cli.cmd_serve(cli.build_parser().parse_args(["serve", "--max-images", "0"]))
