@@ -67,9 +67,10 @@ def example_photo(name: str) -> bytes:
 
 
 def named_models() -> dict[str, Path]:
-    """The deployer's `CAPTIONER_APP_MODELS` ("name=folder,name=folder"), or {} when unset."""
+    """The deployer's `CAPTIONER_APP_MODELS` ("name=folder,name=folder"; a folder may be a shipped
+    model's name), or {} when unset."""
     pairs = [item.partition("=") for item in os.environ.get("CAPTIONER_APP_MODELS", "").split(",") if item.strip()]
-    return {name.strip(): Path(folder.strip()) for name, _, folder in pairs if name.strip() and folder.strip()}
+    return {name.strip(): paths.model_dir(folder.strip()) for name, _, folder in pairs if name.strip() and folder.strip()}
 
 
 @st.cache_resource(show_spinner="Loading the model…", max_entries=2)

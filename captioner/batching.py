@@ -45,7 +45,8 @@ class ServerLimits:
     request_timeout_s: float = setting(30.0, "seconds to receive a request and caption it")
     # 10 ms merged 8.6 photos a pass with 16 clients on 2 busy cores, 25 ms 12.9 (a tenth less CPU per
     # photo); a lone request pays it once (docs/serve.md, "Load test").
-    batch_window_ms: float = setting(25.0, "milliseconds to wait for other requests' photos to share a pass")
+    batch_window_ms: float = setting(25.0, "milliseconds a photo waits, from when its upload is decoded, "
+                                     "for other requests' photos to share its pass")
     max_batch: int = setting(32, "most photos in one encoder and decoder pass")
     max_pending: int = setting(256, "most photos waiting across requests; beyond it, 503 busy")
     # Uploads are rarely sent twice: a small in-memory feature cache keeps the server's memory flat.

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -25,6 +26,11 @@ RUNTIMES = ("auto", "litert", "litert-float", "tf")
 @functools.cache
 def _blas() -> ThreadpoolController:
     return ThreadpoolController()
+
+
+# OpenBLAS has one thread count per process: callers that overlap (the app's sessions) take turns,
+# so that each restores the count it found, not one another's limit.
+_BLAS_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -204,8 +210,9 @@ class Captioner:
         vectors = pooled(features)
         # A batch's rows times the ImageNet head and the familiarity reference: products too small
         # to share, after which a second OpenBLAS thread spins against the runtime's and other
-        # threads (a server's: 16-26 % more CPU a photo on 2 cores, docs/serve.md).
-        with _blas().limit(limits=1, user_api="blas"):
+        # threads (one thread cut a server's CPU a photo by 16-26 % on 2 cores, docs/serve.md).
+        # Other threads' BLAS work during these 0.3 ms a photo runs on one thread too.
+        with _BLAS_LOCK, _blas().limit(limits=1, user_api="blas"):
             if self.head is not None:
                 for fields, labels in zip(about, self.head.top(vectors)):
                     fields["labels"] = labels

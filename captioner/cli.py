@@ -58,8 +58,8 @@ def _decoding_options(p: argparse.ArgumentParser) -> None:
 
 
 def _model_option(p: argparse.ArgumentParser, runtime: bool = True) -> None:
-    p.add_argument("--model", metavar="MODEL", help="model bundle folder, or a shipped model's name "
-                   f"({', '.join(paths.shipped_models())}; default: $CAPTIONER_MODEL or the shipped model)")
+    p.add_argument("--model", metavar="MODEL", help="model bundle folder, or the name of a shipped one "
+                   f"({', '.join(paths.shipped_models())}); default: $CAPTIONER_MODEL, else the shipped model")
     p.add_argument("--encoder-weights", default="default", metavar="W",
                    help="encoder weights: 'default' (offline file), 'imagenet' (Keras download) or a .weights.h5 path")
     if runtime:
@@ -278,13 +278,12 @@ def decode_options(args: argparse.Namespace, defaults: DecodeOptions = _DEFAULTS
         raise UsageError(f"{flag}: {e.reason}") from None
 
 
-def _model_folder(flag: str, model: str) -> Path:
-    """The bundle folder that `model` (a folder or a shipped model's name) names, or a usage error."""
+def _check_model(flag: str, model: str | None) -> None:
+    """A usage error unless `model` (a folder or a shipped model's name; None: the default) is a folder."""
     folder = paths.model_dir(model)
     if not folder.is_dir():
-        raise UsageError(f"{flag}: {model}: no such model bundle folder, nor a shipped model's name "
+        raise UsageError(f"{flag}: {folder}: no such model bundle folder, nor a shipped model's name "
                          f"({', '.join(paths.shipped_models())})")
-    return folder
 
 
 def check_args(args: argparse.Namespace) -> None:
@@ -301,11 +300,16 @@ def check_args(args: argparse.Namespace) -> None:
                              "(fill it with `captioner import-features PREFIX`)")
         if args.dev_features and not args.train_features:
             raise UsageError("--dev-features: goes with --train-features (features of both splits from shards)")
-    for flag in ("model", "init"):
-        if getattr(args, flag, None):
-            setattr(args, flag, _model_folder(f"--{flag}", getattr(args, flag)))
-    if args.command == "ensemble":
-        args.members = [_model_folder("MODEL", member) for member in args.members]
+    if args.command == "beam" and args.job == "caption":
+        decode_options(args)  # a bad flag fails here, not on every worker
+    if args.command == "beam" and (args.batch_size < 1 or getattr(args, "num_shards", 0) < 0):
+        raise UsageError("--batch-size must be at least 1 and --num-shards at least 0")
+    # Checked here, passed on as given: a Beam worker, or a message, gets the name the user wrote.
+    if hasattr(args, "model") or args.command == "train" and args.scst:
+        flag, model = ("--init", args.init) if args.command == "train" else ("--model", args.model)
+        _check_model(flag if model else "$CAPTIONER_MODEL", model)
+    for member in getattr(args, "members", []):
+        _check_model("MODEL", member)
     if args.command == "caption":
         if args.resume and not args.output:
             raise UsageError("--resume: continues an --output file; give -o FILE")
@@ -523,7 +527,7 @@ def cmd_ensemble(args: argparse.Namespace) -> int:
 
     if Path(args.output).exists() and not args.overwrite:
         raise UsageError(f"--output: {args.output} exists; add --overwrite to replace it")
-    bundle = save_ensemble(args.members, args.output)
+    bundle = save_ensemble([paths.model_dir(m) for m in args.members], args.output)
     for name, member in zip(args.members, bundle.members):
         print(f"{member.directory}  <- {name} ({member.model_type})")
     print(f"ensemble of {len(bundle.members)} models written to {args.output}")
@@ -547,15 +551,12 @@ def cmd_encoders(args: argparse.Namespace) -> int:
 
 
 def cmd_beam(args: argparse.Namespace) -> int:
-    if args.batch_size < 1 or getattr(args, "num_shards", 0) < 0:
-        raise UsageError("--batch-size must be at least 1 and --num-shards at least 0")
     return {"caption": _beam_caption, "extract-features": _beam_extract_features}[args.job](args)
 
 
 def _beam_caption(args: argparse.Namespace) -> int:
     from functools import partial
 
-    decode_options(args)  # a bad flag fails here, not on every worker
     from captioner.beam import CaptionerModelHandler, caption_job
 
     flags = argparse.Namespace(**{name: getattr(args, name, None) for name in [*DECODE_FLAGS, "top"]})

@@ -45,15 +45,21 @@ def encoder_weights_files(name: str) -> list[Path]:
 
 def shipped_models() -> list[str]:
     """The names of the bundles shipped with the package ("default", ...)."""
+    if not MODELS.is_dir():
+        return []
     return sorted(p.name for p in MODELS.iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
 
 
 def model_dir(model: str | Path | None = None) -> Path:
     """The bundle folder `model` names: a folder, else a shipped model's name (a folder of that
-    name wins); None: `$CAPTIONER_MODEL`, else the shipped model."""
-    path = _setting("CAPTIONER_MODEL", SHIPPED_MODEL) if model is None else Path(model).expanduser()
-    if not path.exists() and len(path.parts) == 1 and path.name in shipped_models():
-        return MODELS / path.name
+    name wins; a path with a separator, such as ./default, is never a name); None:
+    `$CAPTIONER_MODEL` (a folder or a name), else the shipped model."""
+    if model is None:
+        model = os.environ.get("CAPTIONER_MODEL") or SHIPPED_MODEL
+    path = Path(model).expanduser()
+    is_name = isinstance(model, str) and not any(sep in model for sep in (os.sep, os.altsep) if sep)
+    if is_name and not path.is_dir() and model in shipped_models():
+        return MODELS / model
     return path
 
 

@@ -1,5 +1,6 @@
 """The shipped model: loads offline, captions real and generated photos, matches its encoder."""
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +66,68 @@ def test_the_examples_get_labels_and_only_the_person_passes_as_familiar(captione
 
 def test_shipped_models_are_named_by_their_folder(tmp_path, monkeypatch, capsys):
     """`--model NAME`, `Captioner.load(NAME)` and `$CAPTIONER_MODEL=NAME` take a shipped bundle's
-    name; a folder of that name, where there is one, wins; a wrong name is one line listing them."""
+    name; a folder of that name, where there is one, wins; a path is never a name; a wrong name
+    is one line listing the shipped ones, before anything is loaded."""
     monkeypatch.delenv("CAPTIONER_MODEL", raising=False)
     monkeypatch.chdir(tmp_path)
     assert "default" in shipped_models()
     assert model_dir("default") == model_dir() == SHIPPED_MODEL
     assert Captioner.load("default").bundle.directory.resolve() == SHIPPED_MODEL.resolve()
+    for args in (["caption", "x.jpg", "--model", "default"], ["ensemble", "default", "default", "--output", "e"],
+                 ["train", "--data", ".", "--output", "o", "--scst", "--init", "default"]):
+        cli.check_args(cli.build_parser().parse_args(args))
     monkeypatch.setenv("CAPTIONER_MODEL", "default")
     assert model_dir() == SHIPPED_MODEL
-    (tmp_path / "default").mkdir()
+    (tmp_path / "default").write_text("not a folder")
+    assert model_dir("default") == SHIPPED_MODEL
+    assert model_dir("./default") == Path("./default")  # a path is never a name
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "default").mkdir()
+    monkeypatch.chdir(tmp_path / "mine")
     assert model_dir("default") == Path("default")
-    assert model_dir("runs/default") == Path("runs/default")  # a path is never a name
 
-    assert cli.main(["caption", "photo.jpg", "--model", "nosuch"]) == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1 and "--model: nosuch: no such model bundle folder" in error
-    assert all(name in error for name in shipped_models())
+    def error(args: list[str]) -> str:
+        assert cli.main(args) == 2
+        return capsys.readouterr().err
+
+    message = error(["caption", "photo.jpg", "--model", "nosuch"])
+    assert message.count("\n") == 1 and "--model: nosuch: no such model bundle folder" in message
+    assert all(name in message for name in shipped_models())
+    monkeypatch.setenv("CAPTIONER_MODEL", "defualt")
+    assert "$CAPTIONER_MODEL: defualt: no such model bundle folder" in error(["caption", "photo.jpg"])
+
+
+def test_its_small_products_run_on_one_blas_thread_from_concurrent_callers(captioner, monkeypatch):
+    """The ImageNet head and the familiarity score are a few rows each: a second OpenBLAS thread
+    would only spin after them against the encoder's threads. They run on one, also when several
+    threads caption at once (the app's sessions, a server's passes), and OpenBLAS's thread count
+    is what it was afterwards."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from threadpoolctl import threadpool_info
+
+    def blas_threads() -> set[int]:
+        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
+
+    before = blas_threads()
+    assert before and (max(before) > 1 or len(os.sched_getaffinity(0)) == 1)  # one per core by default
+    seen, lock = [], threading.Lock()
+
+    def spy(method):
+        def run(self, vectors):
+            with lock:
+                seen.append((method.__name__, blas_threads()))
+            return method(self, vectors)
+        return run
+
+    for kind in (type(captioner.head), type(captioner.bundle.familiarity)):
+        name = "top" if kind is type(captioner.head) else "scores"
+        monkeypatch.setattr(kind, name, spy(getattr(kind, name)))
+    photo = render_scene(random_scene(np.random.default_rng(1)), 224)
+    with ThreadPoolExecutor(4) as pool:
+        results = list(pool.map(lambda _: captioner.caption(photo), range(16)))
+    assert all(r.labels and r.familiarity is not None for r in results)
+    assert sorted({name for name, _ in seen}) == ["scores", "top"] and len(seen) == 32
+    assert all(threads == {1} for _, threads in seen)
+    assert blas_threads() == before

@@ -2,8 +2,6 @@
 kept in the bundle, checked when loaded, carried by every result."""
 import hashlib
 import json
-import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -47,28 +45,6 @@ def test_results_of_a_trained_bundle_carry_the_score(trained_captioner, shapes):
     assert sum(r.unfamiliar for r in shapes_results) <= 0.2 * len(photos)
     assert min(r.familiarity for r in shapes_results) > max(r.familiarity for r in noise_results)
     assert all(r.labels == () for r in shapes_results)  # the tiny encoder has no ImageNet head
-
-
-def test_scores_are_computed_on_one_blas_thread_from_any_thread(trained_captioner, shapes, monkeypatch):
-    """A batch's familiarity product is a few rows: a second OpenBLAS thread would only spin after
-    it against the encoder's threads. It runs on one, from the thread a server's passes run on too,
-    and the process's setting is as it was afterwards."""
-    from threadpoolctl import threadpool_info
-
-    def blas_threads() -> set[int]:
-        return {lib["num_threads"] for lib in threadpool_info() if lib["user_api"] == "blas"}
-
-    before = blas_threads()
-    assert before and (max(before) > 1 or len(os.sched_getaffinity(0)) == 1)  # one per core by default
-    seen = []
-    scores = type(trained_captioner.bundle.familiarity).scores
-    monkeypatch.setattr(type(trained_captioner.bundle.familiarity), "scores",
-                        lambda self, vectors: (seen.append(blas_threads()), scores(self, vectors))[1])
-    photo = shapes.images[shapes.splits["test"][0]]
-    with ThreadPoolExecutor(1) as pool:
-        result = pool.submit(trained_captioner.caption, photo).result()
-    assert seen == [{1}] and result.familiarity is not None
-    assert blas_threads() == before
 
 
 def small_familiarity():
