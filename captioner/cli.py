@@ -288,8 +288,8 @@ def _check_model(flag: str, model: str | None) -> None:
 
 def check_args(args: argparse.Namespace) -> None:
     """Everything that can be checked without a model, before TensorFlow is imported."""
-    if args.command in ("caption", "evaluate"):
-        decode_options(args)
+    if args.command in ("caption", "evaluate") or args.command == "beam" and args.job == "caption":
+        decode_options(args)  # for Beam: a bad flag fails here, not on every worker
     if args.command == "train":
         if args.init and not args.scst:
             raise UsageError("--init: starts self-critical training; add --scst")
@@ -300,8 +300,6 @@ def check_args(args: argparse.Namespace) -> None:
                              "(fill it with `captioner import-features PREFIX`)")
         if args.dev_features and not args.train_features:
             raise UsageError("--dev-features: goes with --train-features (features of both splits from shards)")
-    if args.command == "beam" and args.job == "caption":
-        decode_options(args)  # a bad flag fails here, not on every worker
     if args.command == "beam" and (args.batch_size < 1 or getattr(args, "num_shards", 0) < 0):
         raise UsageError("--batch-size must be at least 1 and --num-shards at least 0")
     # Checked here, passed on as given: a Beam worker, or a message, gets the name the user wrote.
