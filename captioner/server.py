@@ -166,7 +166,8 @@ def create_app(captioner_or_loader: Captioner | Callable[[], Captioner], limits:
         # One encoder pass and one decoder pass for the whole batch (photos decoded as they came).
         return list(state["captioner"].iter_captions(pixels, options, batch_size=limits.max_batch))
 
-    batcher: MicroBatcher = MicroBatcher(caption_pass, limits.batch_window_ms, limits.max_batch, limits.max_pending)
+    batcher: MicroBatcher = MicroBatcher(caption_pass, limits.batch_window_ms, limits.max_batch, limits.max_pending,
+                                         limits.batch_threads)
 
     async def load() -> None:
         try:

@@ -360,6 +360,38 @@ def test_photos_queued_during_a_pass_start_the_next_at_once():
     assert start_2 - end_1 < window / 2  # the old rule waited a whole window more here
 
 
+def test_batch_threads_run_passes_at_once_and_one_thread_runs_them_in_turn():
+    """TF Serving's num_batch_threads: with two, a pass starts while another runs; with one, never."""
+    from captioner.batching import MicroBatcher
+
+    def overlap(threads: int) -> bool:
+        both_in = threading.Barrier(2, timeout=1.0)
+        met: list[bool] = []
+
+        def caption(sources, options):
+            try:
+                both_in.wait()
+                met.append(True)
+            except threading.BrokenBarrierError:
+                met.append(False)
+            return [f"{options} caption of {s}" for s in sources]
+
+        async def scenario():
+            batcher = MicroBatcher(caption, window_ms=0, threads=threads)
+            await batcher.start()
+            first = asyncio.create_task(batcher.submit(["a"], "beam"))
+            await asyncio.sleep(0.2)  # its pass has begun
+            assert await batcher.submit(["b"], "beam") == ["beam caption of b"]
+            assert await first == ["beam caption of a"]
+            await batcher.stop()
+
+        asyncio.run(scenario())
+        return all(met)
+
+    assert overlap(threads=2)
+    assert not overlap(threads=1)
+
+
 def test_seeded_sampling_is_never_shared_so_it_matches_alone(make_client, photos, expected):
     client = make_client(batch_window_ms=150)
     jobs = [(f"good_{i}.jpg", {"method": "sample", "seed": 7, "temperature": 1.5}) for i in range(4)]
