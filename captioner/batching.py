@@ -122,7 +122,7 @@ class MicroBatcher(Generic[Options, Result]):
         self._pending = 0
 
     async def start(self) -> None:
-        """Start the worker on the running event loop."""
+        """Start the workers on the running event loop."""
         self._queue = asyncio.Queue()
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="captioner-pass")
         self._closed = False
