@@ -118,9 +118,9 @@ def start_server(model: str, port: int, extra: list[str]) -> subprocess.Popen:
         if process.poll() is not None:
             raise SystemExit(f"captioner serve exited: {process.stderr.read()[-2000:]}")
         try:
-            if healthz(port)[0] == 200:
+            if healthz(port, timeout=2)[0] == 200:
                 return process
-        except OSError:
+        except (OSError, http.client.HTTPException):
             pass
         time.sleep(0.5)
     process.kill()
@@ -138,14 +138,14 @@ def make_request(i: int, photo: Path, bad_every: int) -> tuple[str, str, bytes]:
 
 class Client:
     """One keep-alive HTTP/1.1 connection of the standard library's. The clients share the cores
-    with the server, so they must take little of them: httpx took 3-4 ms of CPU a request here."""
+    with the server, so they must take little of them: httpx took 3.4-4.3 ms of CPU a request here."""
 
-    def __init__(self, port: int):
-        self.port, self.connection = port, None
+    def __init__(self, port: int, timeout: float = 30):
+        self.port, self.timeout, self.connection = port, timeout, None
 
-    def _call(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> tuple[int, bytes]:
+    def request(self, method: str, path: str, body: bytes | None = None, content_type: str = "") -> tuple[int, bytes]:
         if self.connection is None:
-            self.connection = http.client.HTTPConnection(HOST, self.port, timeout=30)
+            self.connection = http.client.HTTPConnection(HOST, self.port, timeout=self.timeout)
         try:
             self.connection.request(method, path, body, {"Content-Type": content_type} if content_type else {})
             response = self.connection.getresponse()
@@ -158,7 +158,7 @@ class Client:
         return response.status, answer
 
     def post(self, path: str, body: bytes, content_type: str) -> tuple[int, bytes]:
-        return self._call("POST", path, body, content_type)
+        return self.request("POST", path, body, content_type)
 
     def close(self) -> None:
         if self.connection is not None:
@@ -166,10 +166,10 @@ class Client:
             self.connection = None
 
 
-def healthz(port: int) -> tuple[int, bytes]:
-    client = Client(port)
+def healthz(port: int, timeout: float) -> tuple[int, bytes]:
+    client = Client(port, timeout)
     try:
-        return client._call("GET", "/healthz")
+        return client.request("GET", "/healthz")
     finally:
         client.close()
 
@@ -273,7 +273,7 @@ def main(argv=None) -> int:
                 sampler.join()
             rss_after, server_cpu = rss_mib(server.pid), cpu_seconds_of(server.pid) - cpu_before
             clients_cpu = time.process_time() - clients_cpu_before
-            health = json.loads(healthz(port)[1])
+            health = json.loads(healthz(port, timeout=10)[1])
         finally:
             server.terminate()
             try:

@@ -6,13 +6,14 @@ Requests put their photos on a queue and await a future per photo. A worker take
 waiting photo, gathers more until `window_ms` after that photo arrived (or until `max_batch`
 photos), groups them by decoding options (photos decoded with other options cannot share a pass)
 and runs each group through the caption function on a thread of the batcher's own, so the event
-loop keeps accepting and reading requests meanwhile. `threads` workers do this at once (TF
-Serving's `num_batch_threads`): on 2 cores, two, because one pass's encoder then runs while the
-other's decoder takes its small per-word steps, which leave a core idle (docs/serve.md). Long-lived
-threads run the passes: a pass never waits for a free worker of the event loop's shared pool. While
-passes run, new photos queue up, so under load batches fill by themselves and the window costs
-nothing: it counts from the first photo's arrival (as TensorFlow Serving's `batch_timeout_micros`
-does), so photos that waited through a pass start the next one at once.
+loop keeps accepting and reading requests meanwhile. One batch at a time is open for photos, and
+`threads` workers run passes at once (TF Serving's `num_batch_threads`): on 2 cores, two, because
+one pass's encoder then runs while the other's decoder takes its small per-word steps, which leave
+a core idle (docs/serve.md). Long-lived threads run the passes: a pass never waits for a free
+worker of the event loop's shared pool. While passes run, new photos queue up, so under load
+batches fill by themselves and the window costs nothing: it counts from the first photo's arrival
+(as TensorFlow Serving's `batch_timeout_micros` does), so photos that waited through a pass start
+the next one at once.
 """
 from __future__ import annotations
 
@@ -49,7 +50,7 @@ class ServerLimits:
     batch_window_ms: float = setting(25.0, "milliseconds a photo waits, from when its upload is decoded, "
                                      "for other requests' photos to share its pass")
     max_batch: int = setting(32, "most photos in one encoder and decoder pass")
-    # 2 on 2 cores: 10 % more photos/s than 1 with 16 clients; passes share the runtime's networks.
+    # 2 on 2 cores: 74-78 % of the CLI's photos/s against 65-72 % with 1 (16 clients, docs/serve.md).
     batch_threads: int = setting(2, "caption passes run at once (TF Serving's num_batch_threads)")
     max_pending: int = setting(256, "most photos waiting across requests; beyond it, 503 busy")
     # Uploads are rarely sent twice: a small in-memory feature cache keeps the server's memory flat.
@@ -124,6 +125,7 @@ class MicroBatcher(Generic[Options, Result]):
     async def start(self) -> None:
         """Start the workers on the running event loop."""
         self._queue = asyncio.Queue()
+        self._gathering = asyncio.Lock()
         self._pool = ThreadPoolExecutor(max_workers=self.threads, thread_name_prefix="captioner-pass")
         self._closed = False
         self._workers = [asyncio.create_task(self._run(), name=f"captioner-batcher-{i}") for i in range(self.threads)]
@@ -167,19 +169,24 @@ class MicroBatcher(Generic[Options, Result]):
             for item in items:  # a timed-out or disconnected request: its photos need no pass
                 item.future.cancel()
 
+    async def _gather(self) -> list[_Item]:
+        batch = [await self._queue.get()]
+        deadline = batch[0].arrived + self.window
+        while len(batch) < self.max_batch:
+            timeout = deadline - time.monotonic()
+            if timeout <= 0 and self._queue.empty():
+                break
+            try:
+                batch.append(self._queue.get_nowait() if timeout <= 0 else
+                             await asyncio.wait_for(self._queue.get(), timeout))
+            except (asyncio.TimeoutError, asyncio.QueueEmpty):
+                break
+        return batch
+
     async def _run(self) -> None:
         while True:
-            batch = [await self._queue.get()]
-            deadline = batch[0].arrived + self.window
-            while len(batch) < self.max_batch:
-                timeout = deadline - time.monotonic()
-                if timeout <= 0 and self._queue.empty():
-                    break
-                try:
-                    batch.append(self._queue.get_nowait() if timeout <= 0 else
-                                 await asyncio.wait_for(self._queue.get(), timeout))
-                except (asyncio.TimeoutError, asyncio.QueueEmpty):
-                    break
+            async with self._gathering:  # one batch open at a time: idle workers never split photos between them
+                batch = await self._gather()
             try:
                 await self._caption(batch)
             finally:

@@ -365,7 +365,7 @@ def test_batch_threads_run_passes_at_once_and_one_thread_runs_them_in_turn():
     from captioner.batching import MicroBatcher
 
     def overlap(threads: int) -> bool:
-        both_in = threading.Barrier(2, timeout=1.0)
+        both_in = threading.Barrier(2, timeout=30 if threads == 2 else 0.5)  # met at once, or never
         met: list[bool] = []
 
         def caption(sources, options):
@@ -390,6 +390,30 @@ def test_batch_threads_run_passes_at_once_and_one_thread_runs_them_in_turn():
 
     assert overlap(threads=2)
     assert not overlap(threads=1)
+
+
+def test_idle_workers_do_not_split_a_request_between_them():
+    """One batch is open at a time (as in TF Serving), so a lone request's photos share one pass."""
+    from captioner.batching import MicroBatcher
+
+    passes: list[list] = []
+
+    def caption(sources, options):
+        passes.append(list(sources))
+        return [f"caption of {s}" for s in sources]
+
+    async def scenario():
+        batcher = MicroBatcher(caption, window_ms=50, threads=2)
+        await batcher.start()
+        assert await batcher.submit(list("abcd"), "beam") == [f"caption of {s}" for s in "abcd"]
+        await batcher.stop()
+
+    asyncio.run(scenario())
+    assert passes == [list("abcd")]
+
+
+def test_the_server_runs_as_many_passes_at_once_as_its_limits_say():
+    assert create_app(lambda: None, ServerLimits(batch_threads=3)).state.batcher.threads == 3
 
 
 def test_seeded_sampling_is_never_shared_so_it_matches_alone(make_client, photos, expected):
