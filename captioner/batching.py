@@ -116,6 +116,7 @@ class MicroBatcher(Generic[Options, Result]):
         self.threads = threads
         self.stats = BatchStats()
         self._queue: asyncio.Queue[_Item] | None = None
+        self._gathering: asyncio.Lock | None = None  # held by the worker whose batch is open
         self._workers: list[asyncio.Task] = []
         self._pool: ThreadPoolExecutor | None = None
         self._closed = True
